@@ -1,0 +1,447 @@
+"""SVFit tuner layers: nn.Linear, transformers' Conv1D, nn.Conv1d/2d/3d and nn.Embedding.
+
+Every layer computes the additive form of SVFit (see ``svfit.core.parametrization``):
+
+    y = base(x) + ((x V_r) * c) U_r^T,    c = adapted singular values - sigma_r,
+
+so the base layer runs untouched, the residual W_e is never formed, disabling an adapter is exact, and several
+adapters can live side by side. Only the r-vector behind c trains; U_r, V_r and sigma_r are frozen buffers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..core.fingerprint import Fingerprint, fingerprint
+from ..core.parametrization import initial_vector, singular_value_shift
+from ..core.spectrum import SVD_DTYPES, thin_svd
+
+# Singular vectors are unique only up to rotations within blocks of equal singular values. Below this gap (relative
+# to sigma_1) between neighbours in or at the edge of the kept block, a recomputed SVD may pick different vectors,
+# so the bases of that module are saved with the adapter.
+DEGENERATE_GAP = 1e-6
+
+# Modules from these packages hold quantized weights that an SVD must not see.
+_QUANTIZED_MODULE_PREFIXES = (
+    "bitsandbytes",
+    "auto_gptq",
+    "gptqmodel",
+    "awq",
+    "hqq",
+    "optimum.quanto",
+    "quanto",
+    "torchao",
+    "eetq",
+    "fbgemm_gpu",
+    "compressed_tensors",
+    "aqlm",
+    "vptq",
+    "transformers.integrations",
+)
+_QUANTIZED_ATTRIBUTES = ("qweight", "quant_state", "W_q", "weight_scale", "weight_scale_inv", "SCB")
+
+
+@dataclass
+class SpectrumInfo:
+    """What SVFit chose for one adapted weight (for summaries and for deciding what to save)."""
+
+    shape: tuple[int, int]  # (d_out, d_in) of the matrix that was factored
+    n: int  # length of the full spectrum
+    r: int  # kept singular values = trainable parameters
+    energy_kept: Optional[float]  # share of ||W0||_F^2 held by the kept values
+    nuclear_kept: Optional[float]  # share of ||W0||_* (None when the full spectrum was not computed)
+    min_gap: float  # see DEGENERATE_GAP
+    fingerprint: Fingerprint
+
+    @property
+    def bases_needed(self) -> bool:
+        return self.min_gap < DEGENERATE_GAP
+
+
+def check_supported_weight(module: nn.Module, name: str = "") -> None:
+    """Refuse quantized or integer weights, detected by class rather than by dtype (4-bit float-storage
+    parameters look like ordinary float tensors)."""
+    where = f"'{name}'" if name else type(module).__name__
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    reason = None
+    if cls.__module__.startswith(_QUANTIZED_MODULE_PREFIXES):
+        reason = f"it is a {cls.__module__}.{cls.__name__} layer"
+    elif any(hasattr(module, a) for a in _QUANTIZED_ATTRIBUTES):
+        reason = f"it carries quantization state ({', '.join(a for a in _QUANTIZED_ATTRIBUTES if hasattr(module, a))})"
+    elif weight is not None and type(weight) not in (torch.Tensor, nn.Parameter):
+        reason = f"its weight is a {type(weight).__module__}.{type(weight).__name__}, not a plain tensor"
+    elif weight is not None and not weight.is_floating_point():
+        reason = f"its weight is stored as {weight.dtype}"
+    if reason:
+        raise TypeError(
+            f"SVFit cannot adapt {where}: {reason}. SVFit needs the full-precision weight for its SVD. Load the base "
+            "model without quantization (drop quantization_config / load_in_4bit / load_in_8bit) or dequantize it "
+            "first (e.g. model.dequantize()), then apply SVFit; or exclude this module via exclude_modules."
+        )
+
+
+class SVFitLayer(BaseTunerLayer):
+    adapter_layer_names: tuple[str, ...] = ("svfit_vector",)
+    other_param_names: tuple[str, ...] = (
+        "svfit_U",
+        "svfit_V",
+        "svfit_sigma",
+        "svfit_info",
+        "svfit_parametrization",
+        "svfit_nonneg",
+        "svfit_bases_dtype",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.svfit_vector = nn.ParameterDict({})
+        # Persistent so that save_bases / degenerate modules can save them; the tuner's state-dict hook drops them
+        # from adapter checkpoints otherwise.
+        self.svfit_U = BufferDict({}, persistent=True)
+        self.svfit_V = BufferDict({}, persistent=True)
+        self.svfit_sigma = BufferDict({}, persistent=True)
+        self.svfit_info: dict[str, SpectrumInfo] = {}
+        self.svfit_parametrization: dict[str, str] = {}
+        self.svfit_nonneg: dict[str, bool] = {}
+        self.svfit_bases_dtype: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []  # rebind: the class-level list would be shared by every layer
+        self.kwargs = kwargs
+
+    # -- orientation hooks, specialised per base layer type ------------------------------------------------------
+
+    def _weight_matrix(self) -> torch.Tensor:
+        """The base weight as a (d_out, d_in) matrix (a view, never a copy to be written)."""
+        raise NotImplementedError
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """Map a (d_out, d_in) delta to the stored layout of the base weight."""
+        raise NotImplementedError
+
+    def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- creation ----------------------------------------------------------------------------------------------
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config,
+        rank_spec,
+        recorded_fingerprint: Optional[Fingerprint] = None,
+        inference_mode: bool = False,
+    ) -> SpectrumInfo:
+        base = self.get_base_layer()
+        check_supported_weight(base)
+        W = self._weight_matrix()
+        svd_device = "cpu" if config.svd_device == "cpu" else None
+        on_meta = _under_init_empty_weights()
+        bases_dtype = torch.float32 if config.bases_dtype == "float32" else W.dtype
+
+        if on_meta and config.save_bases and isinstance(rank_spec, int) and recorded_fingerprint is not None:
+            # low_cpu_mem_usage load of a checkpoint that carries its bases: skip the SVD, the state dict fills these
+            r = min(rank_spec, min(W.shape))
+            d_out, d_in = W.shape
+            U = torch.empty(d_out, r, device="meta", dtype=bases_dtype)
+            V = torch.empty(d_in, r, device="meta", dtype=bases_dtype)
+            S = torch.empty(r, device="meta")
+            info = SpectrumInfo((d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint)
+        else:
+            svd = thin_svd(
+                W,
+                rank_spec,
+                config.information,
+                method=config.svd,
+                dtype=SVD_DTYPES[config.svd_dtype],
+                niter=config.svd_niter,
+                oversample=config.svd_oversample,
+                seed=config.svd_seed,
+                device=svd_device,
+            )
+            if svd.r == 0:
+                warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
+            U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
+            fp = fingerprint(base.weight, top_sigma=svd.S)
+            info = SpectrumInfo(tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp)
+
+        self.svfit_U[adapter_name] = U
+        self.svfit_V[adapter_name] = V
+        self.svfit_sigma[adapter_name] = S
+        vector = (
+            torch.empty(info.r, device="meta")
+            if S.device.type == "meta"
+            else initial_vector(S, config.parametrization, random=not config.init_weights)
+        )
+        self.svfit_vector[adapter_name] = nn.Parameter(vector)
+        self.svfit_info[adapter_name] = info
+        self.svfit_parametrization[adapter_name] = config.parametrization
+        self.svfit_nonneg[adapter_name] = bool(config.nonneg)
+        self.svfit_bases_dtype[adapter_name] = config.bases_dtype
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        return info
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        # PEFT's version also casts every float container to the base dtype, which would round U, V and the fp32
+        # trained vector to bf16 before autocast brings them back. SVFit moves devices only; dtypes are set on
+        # purpose in set_adapter_dtypes.
+        target = device if device is not None else self.get_base_layer().weight.device
+        if target.type == "meta":
+            return
+        for container in (self.svfit_U, self.svfit_V, self.svfit_sigma):
+            t = container[adapter_name] if adapter_name in container else None
+            if t is not None and t.device.type != "meta" and t.device != target:
+                container[adapter_name] = t.to(target)
+        if adapter_name in self.svfit_vector:
+            p = self.svfit_vector[adapter_name]
+            if p.device.type != "meta" and p.device != target:
+                self.svfit_vector[adapter_name] = nn.Parameter(p.data.to(target), requires_grad=p.requires_grad)
+
+    def set_adapter_dtypes(self, adapter_name: str, autocast: bool) -> None:
+        """Trained vector in float32 (autocast, PEFT's default) or the base dtype; U_r, V_r in float32 or the base
+        dtype per ``bases_dtype``; sigma_r always float32."""
+        if adapter_name not in self.svfit_vector:
+            return
+        base_dtype = self.get_base_layer().weight.dtype
+        base_dtype = base_dtype if base_dtype.is_floating_point else torch.float32
+        p = self.svfit_vector[adapter_name]
+        want = torch.float32 if autocast else base_dtype
+        if p.dtype != want and p.device.type != "meta":
+            self.svfit_vector[adapter_name] = nn.Parameter(p.data.to(want), requires_grad=p.requires_grad)
+        bases = torch.float32 if self.svfit_bases_dtype[adapter_name] == "float32" else base_dtype
+        for container in (self.svfit_U, self.svfit_V):
+            t = container[adapter_name]
+            if t.dtype != bases:
+                container[adapter_name] = t.to(bases)
+
+    # -- the adapted singular values ---------------------------------------------------------------------------
+
+    def singular_value_shift(self, adapter_name: str) -> torch.Tensor:
+        """c = adapted - pre-trained singular values, exactly zero at init."""
+        return singular_value_shift(
+            self.svfit_vector[adapter_name],
+            self.svfit_sigma[adapter_name],
+            self.svfit_parametrization[adapter_name],
+            self.svfit_nonneg[adapter_name],
+        )
+
+    def _delta_matrix(self, adapter_name: str) -> torch.Tensor:
+        """Delta W = U_r diag(c) V_r^T as a float32 (d_out, d_in) matrix."""
+        U = self.svfit_U[adapter_name].float()
+        V = self.svfit_V[adapter_name].float()
+        c = self.singular_value_shift(adapter_name).float()
+        return (U * c) @ V.T
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Delta W in the stored layout and dtype of the base weight (transposed for Conv1D, a kernel for convs)."""
+        weight = self.get_base_layer().weight
+        return self._to_weight_layout(self._delta_matrix(adapter_name)).to(weight.dtype)
+
+    # -- merging -----------------------------------------------------------------------------------------------
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            if name not in self.svfit_vector:
+                continue
+            # add in float32 and round once, so a bf16 merge is as close as the format allows
+            merged = weight.data.float() + self._to_weight_layout(self._delta_matrix(name))
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken")
+            weight.data = merged.to(weight.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.svfit_vector:
+                restored = weight.data.float() - self._to_weight_layout(self._delta_matrix(name))
+                weight.data = restored.to(weight.dtype)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+
+    def _check_forward_args(self, x, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names", None)
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, call `unmerge_adapter` first.")
+
+    def _svfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for name in self.active_adapters:
+            if name in self.svfit_vector:
+                result = result + self._branch(x, name).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        rows_by_adapter: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            rows_by_adapter.setdefault(name, []).append(i)
+        for name, rows in rows_by_adapter.items():
+            if name == "__base__" or name not in self.svfit_vector:
+                continue
+            idx = torch.tensor(rows, device=result.device)
+            result = result.index_add(0, idx, self._branch(x[idx], name).to(result.dtype))
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "svfit." + super().__repr__()
+
+
+class Linear(nn.Module, SVFitLayer):
+    """SVFit on nn.Linear, or on transformers' Conv1D (GPT-2), whose weight is stored transposed (d_in, d_out)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None):
+        super().__init__()
+        SVFitLayer.__init__(self, base_layer)
+        self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
+
+    def _weight_matrix(self) -> torch.Tensor:
+        W = self.get_base_layer().weight
+        return W.T if self.is_conv1d else W
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T if self.is_conv1d else delta
+
+    def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
+        c = self.singular_value_shift(adapter_name)
+        h = self._cast_input_dtype(x, V.dtype) @ V  # (..., r): coordinates in the right singular basis
+        return (h * c).to(U.dtype) @ U.T
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._svfit_forward(x, *args, **kwargs)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True  # Delta W = (U_r diag(c)) V_r^T is already a rank-r factorisation
+
+
+class Conv(nn.Module, SVFitLayer):
+    """SVFit on nn.Conv1d/2d/3d with groups=1: the kernel is factored as a (c_out, c_in * prod(kernel)) matrix.
+
+    The branch is a convolution with the r right singular vectors as kernels (same stride, padding, dilation as the
+    base), a per-channel scale by c, and a 1x1 convolution with U_r.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None):
+        super().__init__()
+        SVFitLayer.__init__(self, base_layer)
+        base = self.get_base_layer()
+        if base.groups != 1:
+            raise ValueError(
+                f"SVFit supports only groups=1 convolutions, got groups={base.groups} (a depthwise or grouped conv): "
+                "exclude it (exclude_modules) or target the dense convolutions only"
+            )
+        self._conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
+
+    def _weight_matrix(self) -> torch.Tensor:
+        W = self.get_base_layer().weight
+        return W.reshape(W.shape[0], -1)
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(self.get_base_layer().weight.shape)
+
+    def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
+        c = self.singular_value_shift(adapter_name)
+        kernel = V.T.reshape(V.shape[1], *base.weight.shape[1:])  # (r, c_in, *k)
+        # base._conv_forward applies the base's stride, padding (and padding_mode), dilation
+        h = base._conv_forward(self._cast_input_dtype(x, V.dtype), kernel, None)  # (B, r, *spatial)
+        h = h * c.reshape(1, -1, *([1] * (h.dim() - 2)))
+        return self._conv_nd(h.to(U.dtype), U.reshape(*U.shape, *([1] * (h.dim() - 2))))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._svfit_forward(x, *args, **kwargs)
+
+
+class Embedding(nn.Module, SVFitLayer):
+    """SVFit on nn.Embedding: the (num_embeddings, dim) table is factored; the branch looks up rows of U_r."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None):
+        super().__init__()
+        SVFitLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
+
+    def _weight_matrix(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
+        c = self.singular_value_shift(adapter_name)
+        out = ((F.embedding(x, U) * c).to(V.dtype)) @ V.T
+        embed_scale = self._get_embed_scale()  # e.g. Gemma scales its embeddings inside forward
+        return out * embed_scale.to(out.dtype) if embed_scale is not None else out
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._svfit_forward(x, *args, **kwargs)
+
+
+def _under_init_empty_weights() -> bool:
+    """True inside accelerate's init_empty_weights (PEFT's low_cpu_mem_usage), which puts new parameters on meta."""
+    probe = nn.Module()
+    probe.register_parameter("p", nn.Parameter(torch.empty(0)))
+    return probe.p.device.type == "meta"
+
+
+def dispatch(target: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None, name: str = ""):
+    """Wrap ``target`` in the SVFit layer for its type, or raise a clear error."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    check_supported_weight(base, name)
+    if isinstance(base, (nn.Linear, Conv1D)):
+        if config.fan_in_fan_out and isinstance(base, nn.Linear):
+            warnings.warn(f"fan_in_fan_out=True is ignored for nn.Linear '{name}' (its weight is (out, in))")
+        return Linear(target, adapter_name, config, rank_spec, recorded_fingerprint)
+    if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(target, adapter_name, config, rank_spec, recorded_fingerprint)
+    if isinstance(base, nn.Embedding):
+        return Embedding(target, adapter_name, config, rank_spec, recorded_fingerprint)
+    raise TypeError(
+        f"SVFit cannot adapt '{name}' of type {type(base).__name__}: supported are nn.Linear, transformers Conv1D, "
+        "nn.Conv1d/2d/3d (groups=1) and nn.Embedding. Adjust target_modules."
+    )

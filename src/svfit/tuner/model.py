@@ -1,0 +1,249 @@
+"""``SVFitModel``: the PEFT tuner that injects SVFit layers into a model."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from typing import Optional
+
+import torch
+from peft.tuners.lora.model import _get_encoder
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from ..core.fingerprint import Fingerprint, compare
+from .config import SVFitConfig
+from .layer import SVFitLayer, dispatch
+from .summary import ModuleSummary, summarize
+
+_BASES_ATTRS = ("svfit_U", "svfit_V", "svfit_sigma")
+
+
+class BaseWeightMismatchError(ValueError):
+    """An SVFit adapter is being loaded onto base weights other than those it was trained on."""
+
+
+class SVFitModel(BaseTuner):
+    """Creates an SVFit model from a pre-trained model. Use through ``peft.get_peft_model(model, SVFitConfig(...))``.
+
+    Beyond PEFT's generic tuner API (merge, unload, adapters, ...) it offers ``svfit_summary()``: per adapted module,
+    the shape, the chosen r and the share of the spectrum kept.
+    """
+
+    prefix: str = "svfit_"
+    tuner_layer_cls = SVFitLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # -- injection ---------------------------------------------------------------------------------------------
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        _check_adapter_name(adapter_name, self.prefix)
+        config = self.peft_config[adapter_name]
+        if getattr(config, "_from_checkpoint", False):
+            # before any module is replaced, so a wrong base model is left exactly as it was
+            verify_base_weights(model, config)
+        super().inject_adapter(
+            model,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            state_dict=state_dict,
+        )
+
+    def _create_and_replace(
+        self,
+        config: SVFitConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        recorded_r = config.resolved_ranks.get(current_key)
+        recorded_fp = config.base_fingerprints.get(current_key)
+        recorded_fp = Fingerprint.from_json(recorded_fp) if recorded_fp is not None else None
+        if recorded_r is not None and recorded_fp is not None and not getattr(config, "_from_checkpoint", False):
+            # A config object reused for a new adapter: its recorded ranks hold only for the weight they came from.
+            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+            if compare(recorded_fp, base.weight)[0] == "different":
+                warnings.warn(
+                    f"SVFitConfig carries a rank recorded on another weight for '{current_key}'; choosing r afresh. "
+                    "Pass a new SVFitConfig per base model to avoid this.",
+                    stacklevel=2,
+                )
+                recorded_r, recorded_fp = None, None
+        rank_spec = recorded_r if recorded_r is not None else config.rank_spec_for(current_key)
+
+        if isinstance(target, SVFitLayer):
+            info = target.update_layer(adapter_name, config, rank_spec, recorded_fp, config.inference_mode)
+        else:
+            new_module = dispatch(target, adapter_name, config, rank_spec, recorded_fp, name=current_key)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)  # an added adapter is not trainable until activated
+            self._replace_module(parent, target_name, new_module, target)
+            info = new_module.svfit_info[adapter_name]
+        config.resolved_ranks[current_key] = info.r
+        config.base_fingerprints[current_key] = info.fingerprint.to_json()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        for module in self.model.modules():
+            if isinstance(module, SVFitLayer):
+                module.set_adapter_dtypes(adapter_name, autocast_adapter_dtype)
+
+    # -- mixed-adapter batches ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list of str, got {type(adapter_names).__name__}")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, SVFitLayer):
+                known |= set(module.svfit_vector.keys())
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+
+        # Generation with beam search repeats every input num_beams times, so the names must be repeated too; the
+        # encoder of an encoder-decoder model still sees the original batch.
+        num_beams = kwargs.get("num_beams")
+        expanded = list(adapter_names)
+        if isinstance(num_beams, int) and num_beams > 1:
+            expanded = [n for n in adapter_names for _ in range(num_beams)]
+        handles = []
+        try:
+            for module in self.modules():
+                if isinstance(module, (SVFitLayer, AuxiliaryTrainingWrapper)):
+                    hook = partial(_inject_adapter_names, adapter_names=expanded)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            encoder = _get_encoder(self.model)
+            if encoder is not None and expanded != list(adapter_names):
+                for module in encoder.modules():
+                    if isinstance(module, (SVFitLayer, AuxiliaryTrainingWrapper)):
+                        hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+                        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if getattr(config, "save_bases", False):
+            return selected
+        # By default the file holds the trained vectors only; the bases are recomputed from the base weights at
+        # load. Modules whose singular vectors are not unique (repeated singular values) keep theirs.
+        keep = {
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, SVFitLayer)
+            and adapter_name in module.svfit_info
+            and module.svfit_info[adapter_name].bases_needed
+        }
+        return {k: v for k, v in selected.items() if _bases_owner(k) is None or _bases_owner(k) in keep}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # Bases absent from the checkpoint were recomputed at injection: present them as loaded, so that PEFT does
+        # not report them as missing keys.
+        for name, module in model.named_modules():
+            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_U:
+                continue
+            for attr in _BASES_ATTRS:
+                key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
+                value = getattr(module, attr)[adapter_name]
+                if key not in remapped and value.device.type != "meta":
+                    remapped[key] = value
+        return remapped
+
+    # -- inspection --------------------------------------------------------------------------------------------
+
+    def svfit_summary(self, adapter_name: Optional[str] = None) -> list[ModuleSummary]:
+        """Per adapted module: shape, full spectrum length n, chosen r, share of the spectrum kept."""
+        name = adapter_name or self.active_adapters[0]
+        return summarize(self.model, name)
+
+
+def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
+    """Check every base weight an adapter was trained on against ``model``; raise on the first mismatch."""
+    for key, recorded_json in config.base_fingerprints.items():
+        recorded = Fingerprint.from_json(recorded_json)
+        try:
+            module = model.get_submodule(key)
+        except AttributeError:
+            raise BaseWeightMismatchError(
+                f"This SVFit adapter was trained on a model with a module '{key}', which this model lacks: it is not "
+                f"the adapter's base model{_base_hint(config)}."
+            ) from None
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            raise BaseWeightMismatchError(f"Module '{key}' of this model has no weight; wrong base model?")
+        match, current = compare(recorded, weight)
+        if match == "different":
+            raise BaseWeightMismatchError(
+                f"This SVFit adapter was trained on a different base model: module '{key}' does not match "
+                f"(adapter: {recorded.describe()}; this model: {current.describe()}). SVFit recomputes the singular "
+                f"vectors from the base weights, so it must be loaded onto the model it was trained on"
+                f"{_base_hint(config)}."
+            )
+        if match == "close":
+            warnings.warn(
+                f"Base weight '{key}' is not byte-identical to the one the adapter was trained on, but matches it up "
+                f"to precision ({recorded.dtype} -> {current.dtype}); outputs will match only approximately.",
+                stacklevel=3,
+            )
+
+
+def _base_hint(config) -> str:
+    name = getattr(config, "base_model_name_or_path", None)
+    return f" ('{name}')" if name else ""
+
+
+def _check_adapter_name(adapter_name: str, prefix: str) -> None:
+    # PEFT strips the adapter name from checkpoint keys by string surgery; a name inside the prefix corrupts them
+    if not adapter_name or adapter_name in prefix or adapter_name == "__base__":
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is not allowed with SVFit (it collides with the parameter prefix "
+            f"'{prefix}' or the reserved '__base__'); choose another name."
+        )
+
+
+def _bases_owner(key: str) -> Optional[str]:
+    """Module name of a bases buffer key ('a.b.svfit_U.default' -> 'a.b'), or None for other keys."""
+    for attr in _BASES_ATTRS:
+        marker = f".{attr}."
+        if marker in key:
+            return key.rsplit(marker, 1)[0]
+        if key.startswith(f"{attr}."):
+            return ""
+    return None
+
+
+def _inject_adapter_names(target, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
