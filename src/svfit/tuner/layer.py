@@ -149,12 +149,13 @@ class SVFitLayer(BaseTunerLayer):
         bases_dtype = torch.float32 if config.bases_dtype == "float32" else W.dtype
 
         if on_meta and config.save_bases and isinstance(rank_spec, int) and recorded_fingerprint is not None:
-            # low_cpu_mem_usage load of a checkpoint that carries its bases: skip the SVD, the state dict fills these
-            r = min(rank_spec, min(W.shape))
+            # low_cpu_mem_usage load of a checkpoint that carries its bases: skip the SVD; the state dict fills
+            # these placeholders (zeros, so a missing key shows as "no update" rather than as garbage)
             d_out, d_in = W.shape
-            U = torch.empty(d_out, r, device="meta", dtype=bases_dtype)
-            V = torch.empty(d_in, r, device="meta", dtype=bases_dtype)
-            S = torch.empty(r, device="meta")
+            r = min(rank_spec, d_out, d_in)
+            U = torch.zeros(d_out, r, device=W.device, dtype=bases_dtype)
+            V = torch.zeros(d_in, r, device=W.device, dtype=bases_dtype)
+            S = torch.zeros(r, device=W.device)
             info = SpectrumInfo((d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint)
         else:
             svd = thin_svd(
@@ -177,11 +178,7 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_U[adapter_name] = U
         self.svfit_V[adapter_name] = V
         self.svfit_sigma[adapter_name] = S
-        vector = (
-            torch.empty(info.r, device="meta")
-            if S.device.type == "meta"
-            else initial_vector(S, config.parametrization, random=not config.init_weights)
-        )
+        vector = initial_vector(S, config.parametrization, random=not config.init_weights)
         self.svfit_vector[adapter_name] = nn.Parameter(vector)
         self.svfit_info[adapter_name] = info
         self.svfit_parametrization[adapter_name] = config.parametrization

@@ -188,33 +188,36 @@ class SVFitModel(BaseTuner):
 
 
 def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
-    """Check every base weight an adapter was trained on against ``model``; raise on the first mismatch."""
-    for key, recorded_json in config.base_fingerprints.items():
-        recorded = Fingerprint.from_json(recorded_json)
-        try:
-            module = model.get_submodule(key)
-        except AttributeError:
-            raise BaseWeightMismatchError(
-                f"This SVFit adapter was trained on a model with a module '{key}', which this model lacks: it is not "
-                f"the adapter's base model{_base_hint(config)}."
-            ) from None
+    """Check every base weight an adapter was trained on against ``model``; raise on the first mismatch (in the
+    model's module order)."""
+    recorded = {key: Fingerprint.from_json(fp) for key, fp in config.base_fingerprints.items()}
+    modules = dict(model.named_modules())
+    missing = [key for key in recorded if key not in modules]
+    if missing:
+        raise BaseWeightMismatchError(
+            f"This SVFit adapter was trained on a model with a module '{missing[0]}', which this model lacks: it is "
+            f"not the adapter's base model{_base_hint(config)}."
+        )
+    for key, module in modules.items():
+        if key not in recorded:
+            continue
         if isinstance(module, BaseTunerLayer):
             module = module.get_base_layer()
         weight = getattr(module, "weight", None)
         if weight is None:
             raise BaseWeightMismatchError(f"Module '{key}' of this model has no weight; wrong base model?")
-        match, current = compare(recorded, weight)
+        match, current = compare(recorded[key], weight)
         if match == "different":
             raise BaseWeightMismatchError(
                 f"This SVFit adapter was trained on a different base model: module '{key}' does not match "
-                f"(adapter: {recorded.describe()}; this model: {current.describe()}). SVFit recomputes the singular "
-                f"vectors from the base weights, so it must be loaded onto the model it was trained on"
+                f"(adapter: {recorded[key].describe()}; this model: {current.describe()}). SVFit recomputes the "
+                f"singular vectors from the base weights, so it must be loaded onto the model it was trained on"
                 f"{_base_hint(config)}."
             )
         if match == "close":
             warnings.warn(
                 f"Base weight '{key}' is not byte-identical to the one the adapter was trained on, but matches it up "
-                f"to precision ({recorded.dtype} -> {current.dtype}); outputs will match only approximately.",
+                f"to precision ({recorded[key].dtype} -> {current.dtype}); outputs will match only approximately.",
                 stacklevel=3,
             )
 

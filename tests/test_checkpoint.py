@@ -1,0 +1,190 @@
+"""What SVFit writes to disk and how it comes back: round trips, fingerprints, ranks, file size."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import svfit
+from svfit.tuner.layer import SVFitLayer
+
+from cases import CASES
+from test_tuner import layers, make, perturb
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def trained(case, seed=0, **kw):
+    base, config = make(case, seed=seed, **kw)
+    model = get_peft_model(base, config)
+    perturb(model)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case_name", sorted(CASES))
+@pytest.mark.parametrize("save_bases", [False, True])
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_save_load_round_trip_is_bit_exact(case_name, save_bases, low_cpu_mem_usage, tmp_path):
+    case = CASES[case_name]
+    inputs = case.make_input()
+    model = trained(case, save_bases=save_bases)
+    expected = case.run(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.build(0), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage).eval()
+    assert torch.equal(case.run(loaded, inputs), expected)
+    for (_, a), (_, b) in zip(layers(model), layers(loaded)):
+        assert a.svfit_info["default"].r == b.svfit_info["default"].r
+        assert not any(t.device.type == "meta" for t in (*b.svfit_U.values(), *b.svfit_V.values()))
+
+
+def test_the_file_holds_only_the_singular_values_by_default(tmp_path):
+    case = CASES["llama"]
+    model = trained(case)
+    model.save_pretrained(tmp_path / "small")
+    tensors = load_file(tmp_path / "small" / ADAPTER_FILE)
+    assert tensors and all(k.endswith(".svfit_vector") for k in tensors)
+    for name, layer in layers(model):
+        key = name + ".svfit_vector"
+        assert tensors[key].shape == (layer.svfit_info["default"].r,)
+    model.peft_config["default"].save_bases = True
+    model.save_pretrained(tmp_path / "big")
+    big = load_file(tmp_path / "big" / ADAPTER_FILE)
+    assert any(k.endswith(".svfit_U") for k in big) and any(k.endswith(".svfit_sigma") for k in big)
+
+
+def test_config_records_ranks_and_fingerprints(tmp_path):
+    case = CASES["bert"]
+    model = trained(case)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "SVFIT"
+    assert saved["svfit_version"] == svfit.__version__
+    names = {n.removeprefix("base_model.model.") for n, _ in layers(model)}
+    assert set(saved["resolved_ranks"]) == names == set(saved["base_fingerprints"])
+    for name, layer in layers(model):
+        assert saved["resolved_ranks"][name.removeprefix("base_model.model.")] == layer.svfit_info["default"].r
+
+
+def test_reload_reuses_recorded_ranks_even_if_the_threshold_changed(tmp_path):
+    case = CASES["bert"]
+    model = trained(case, threshold=0.9)
+    inputs = case.make_input()
+    expected = case.run(model, inputs)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["threshold"] = 0.5  # would choose much smaller ranks if re-thresholded
+    config_path.write_text(json.dumps(saved))
+    loaded = PeftModel.from_pretrained(case.build(0), tmp_path).eval()
+    assert torch.equal(case.run(loaded, inputs), expected)
+
+
+def test_loading_onto_a_different_base_model_fails_and_leaves_it_untouched(tmp_path):
+    case = CASES["llama"]
+    trained(case).save_pretrained(tmp_path)
+    other = case.build(seed=1)
+    with pytest.raises(svfit.BaseWeightMismatchError, match=r"module 'model\.layers\.0\.self_attn\.q_proj'"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any(isinstance(m, SVFitLayer) for m in other.modules())
+    assert not hasattr(other, "peft_config")
+
+
+def test_load_adapter_onto_a_different_base_fails_without_leaving_a_half_adapter(tmp_path):
+    case = CASES["llama"]
+    trained(case, seed=1).save_pretrained(tmp_path)
+    model = trained(case, seed=0)
+    with pytest.raises(svfit.BaseWeightMismatchError, match="different base model"):
+        model.load_adapter(tmp_path, adapter_name="wrong")
+    assert set(model.peft_config) == {"default"}
+    assert not any("wrong" in n for n, _ in model.named_parameters())
+
+
+def test_loading_onto_a_model_without_the_module_fails_clearly(tmp_path):
+    CASES["llama"].build  # noqa: B018 - documentation: a llama adapter onto a BERT
+    trained(CASES["llama"]).save_pretrained(tmp_path)
+    with pytest.raises(svfit.BaseWeightMismatchError, match="lacks"):
+        PeftModel.from_pretrained(CASES["bert"].build(0), tmp_path)
+
+
+def test_a_lower_precision_copy_of_the_right_base_loads_with_a_warning(tmp_path):
+    case = CASES["llama"]
+    trained(case).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="up to precision"):
+        PeftModel.from_pretrained(case.build(0).to(torch.bfloat16), tmp_path)
+
+
+def test_load_adapter_as_second_adapter_and_switch(tmp_path):
+    case = CASES["bert"]
+    inputs = case.make_input()
+    first = trained(case)
+    expected = case.run(first, inputs)
+    first.save_pretrained(tmp_path)
+    model = trained(case)  # same base, different (random) default adapter
+    model.load_adapter(tmp_path, adapter_name="loaded")
+    model.set_adapter("loaded")
+    assert torch.equal(case.run(model, inputs), expected)
+
+
+def test_degenerate_spectra_save_their_bases_automatically(tmp_path):
+    """An orthogonal weight has all singular values equal, so its singular vectors are not unique: the bases must be
+    saved or the reloaded adapter could differ."""
+    case = CASES["bert"]
+    base, config = make(case, r=4)
+    q = base.bert.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        q.weight.copy_(torch.linalg.qr(torch.randn(32, 32))[0])
+    model = get_peft_model(base, config)
+    perturb(model)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / ADAPTER_FILE)
+    saved_bases = {k.rsplit(".svfit_U", 1)[0] for k in tensors if k.endswith(".svfit_U")}
+    assert saved_bases == {"base_model.model.bert.encoder.layer.0.attention.self.query"}
+
+
+def test_corrupt_adapter_file_raises(tmp_path):
+    case = CASES["bert"]
+    trained(case).save_pretrained(tmp_path)
+    (tmp_path / ADAPTER_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        PeftModel.from_pretrained(case.build(0), tmp_path)
+
+
+def test_the_file_costs_four_bytes_per_singular_value_plus_a_header(tmp_path):
+    """The on-disk size against LoRA is measured on real weights by benchmarks/file_size.py; here we pin the
+    accounting: the data is exactly the sum of r float32 values, and LoRA r=8 stores 16x more at full spectrum."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    torch.manual_seed(0)
+    model = get_peft_model(BertModel(cfg), svfit.SVFitConfig(target_modules=["query", "value"], r="full"))
+    model.save_pretrained(tmp_path / "svfit")
+    torch.manual_seed(0)
+    get_peft_model(BertModel(cfg), LoraConfig(target_modules=["query", "value"], r=8)).save_pretrained(
+        tmp_path / "lora"
+    )
+    tensors = load_file(tmp_path / "svfit" / ADAPTER_FILE)
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert data == 4 * sum(model.peft_config["default"].resolved_ranks.values()) == 4 * 4 * 128
+    lora = load_file(tmp_path / "lora" / ADAPTER_FILE)
+    assert sum(t.numel() * t.element_size() for t in lora.values()) == 16 * data
+    header = (tmp_path / "svfit" / ADAPTER_FILE).stat().st_size - data
+    assert header < 150 * len(tensors)
+
+
+def test_config_reused_on_another_model_rechooses_ranks():
+    case = CASES["bert"]
+    base0, config = make(case, threshold=0.9)
+    get_peft_model(base0, config)
+    recorded = dict(config.resolved_ranks)
+    with pytest.warns(UserWarning, match="choosing r afresh"):
+        get_peft_model(case.build(seed=3), config)
+    assert set(config.resolved_ranks) == set(recorded)
+    # same base again: recorded ranks are reused silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_peft_model(case.build(seed=3), config)
