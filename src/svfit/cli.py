@@ -1,0 +1,323 @@
+"""The ``svfit`` command line: fine-tune a real pre-trained model on real data in one command, re-score and query
+saved runs, and inspect what SVFit keeps of each weight's spectrum."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model and dataset comes from an installed package
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import typer  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="SVFit: fine-tune only the top singular values of pre-trained weights (arXiv 2409.05926).",
+)
+
+TASK_HELP = "sentiment (default) | subjectivity | vit-fashion | fashion | lm-sentiment"
+METHOD_HELP = "svfit (default) | lora | pissa | ia3 | full"
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 1."""
+
+
+def _fail(message: str, code: int = 1):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run a command body; turn expected failures (bad input, missing assets, unwritable output, corrupt files)
+    into one line on stderr and a non-zero exit, without a traceback."""
+    from .assets import AssetMissingError
+    from .tuner import BaseWeightMismatchError
+
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130)
+    except (UserError, AssetMissingError, BaseWeightMismatchError, FileExistsError, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError, FloatingPointError) as exc:
+        _fail(str(exc))
+    except (ValueError, KeyError, TypeError) as exc:
+        if os.environ.get("SVFIT_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        _fail(f"{message} (set SVFIT_DEBUG=1 for a traceback)")
+
+
+def _parse_rank(rank: Optional[str]):
+    if rank is None:
+        return None
+    if rank == "full":
+        return "full"
+    try:
+        value = int(rank)
+    except ValueError:
+        raise UserError(f"--rank must be an integer or 'full', got {rank!r}") from None
+    if value < 1:
+        raise UserError(f"--rank must be >= 1, got {value}")
+    return value
+
+
+def _parse_targets(targets: Optional[str]):
+    if targets is None:
+        return None
+    if targets.startswith("re:"):
+        return targets[3:]
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise UserError("--targets is empty; give comma-separated module names, or re:REGEX")
+    return names
+
+
+@app.command()
+def train(
+    task: str = typer.Option("sentiment", help=TASK_HELP),
+    method: str = typer.Option("svfit", help=METHOD_HELP),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: runs/TASK-METHOD]"),
+    seed: int = typer.Option(0, help="Seed for the data split, the new head and the data order."),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (fractions allowed) [default: per task]"),
+    lr: Optional[float] = typer.Option(
+        None, help="Learning rate of the adapter (singular values for svfit) [default: per task and method]"
+    ),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Learning rate of the new head [default: per task]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size [default: per task]"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Train on the first N examples of the split"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Score on the first N held-out examples"),
+    limit: Optional[int] = typer.Option(
+        None, help="Smoke-test size: sets --train-limit N and --eval-limit N//2 (at least 8)"
+    ),
+    targets: Optional[str] = typer.Option(
+        None, help="Target modules, comma-separated (e.g. query,value) or re:REGEX [default: per task]"
+    ),
+    rank: Optional[str] = typer.Option(
+        None, help="svfit: fixed r or 'full' [default: threshold]; lora/pissa: rank [default: 8]"
+    ),
+    threshold: float = typer.Option(0.99, help="svfit: share of the spectrum the kept singular values hold"),
+    information: str = typer.Option("energy", help="svfit: measure the share on sigma^2 (energy) or sigma (nuclear)"),
+    parametrization: str = typer.Option("delta", help="svfit: delta (default) | sigma | scale"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay"),
+    save_bases: bool = typer.Option(False, "--save-bases", help="svfit: also save U_r, V_r (bigger file, no SVD at load)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
+):
+    """Fine-tune a pre-trained model on a task; print accuracy before and after; save the adapter and result.json.
+
+    Everything runs offline from installed packages. Writes OUT/adapter/ (PEFT format; OUT/model/ for full
+    fine-tuning) and OUT/result.json (PEFT method_comparison schema), atomically.
+    """
+
+    def body():
+        from .methods import MethodOptions, get_method
+        from .tasks import get_task
+        from .train.run import RunConfig, train_run
+
+        get_task(task)
+        get_method(method)
+        train_n, eval_n = train_limit, eval_limit
+        if limit is not None:
+            if limit < 1:
+                raise UserError(f"--limit must be >= 1, got {limit}")
+            train_n = limit if train_n is None else train_n
+            eval_n = max(8, limit // 2) if eval_n is None else eval_n
+        for name, value in (("--train-limit", train_n), ("--eval-limit", eval_n)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        options = MethodOptions(
+            targets=_parse_targets(targets),
+            rank=_parse_rank(rank),
+            threshold=threshold,
+            information=information,
+            parametrization=parametrization,
+            save_bases=save_bases,
+        )
+        config = RunConfig(
+            task=task, method=method, out=out or Path("runs") / f"{task}-{method}", seed=seed, epochs=epochs, lr=lr,
+            head_lr=head_lr, batch_size=batch_size, train_limit=train_n, eval_limit=eval_n,
+            weight_decay=weight_decay, options=options,
+            overwrite=overwrite or out is None,  # the default location is ours to refresh
+            progress=not quiet and sys.stderr.isatty(),
+        )
+        _quiet_libraries()
+        train_run(config, echo=typer.echo)
+
+    _guard(body)
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A directory written by `svfit train`"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
+):
+    """Re-score a saved run on its own held-out split and compare with the recorded accuracy."""
+
+    def body():
+        from .train.run import eval_run
+
+        _quiet_libraries()
+        metrics, recorded = eval_run(run_dir, progress=not quiet and sys.stderr.isatty())
+        typer.echo(
+            f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  on {metrics['examples']} examples "
+            f"(recorded at training: accuracy {recorded['test accuracy']:.4f})"
+        )
+
+    _guard(body)
+
+
+@app.command()
+def predict(
+    run_dir: Path = typer.Argument(..., help="A directory written by `svfit train`"),
+    inputs: list[str] = typer.Argument(..., help="Text(s) to classify, or image path(s) for fashion / vit-fashion"),
+):
+    """Predict with a saved run: prints the label and its probability for each input."""
+
+    def body():
+        from .train.run import load_run
+
+        _quiet_libraries()
+        task, model, _ = load_run(run_dir)
+        for raw in inputs:
+            p = task.predict(model, raw)
+            said = f"  (generated: {p.generated!r})" if p.generated is not None else ""
+            typer.echo(f"{p.label}\t{p.probability:.3f}\t{raw if task.input_kind == 'text' else Path(raw).name}{said}")
+
+    _guard(body)
+
+
+@app.command()
+def inspect(
+    model_or_dir: str = typer.Argument(
+        ..., help="A run directory (after fine-tuning), a task name (its pre-trained model), or a local HF model dir"
+    ),
+    targets: Optional[str] = typer.Option(None, help="Target modules for a task or model [default: per task/model]"),
+    rank: Optional[str] = typer.Option(None, help="Fixed r or 'full' [default: threshold]"),
+    threshold: float = typer.Option(0.99, help="Share of the spectrum to keep"),
+    information: str = typer.Option("energy", help="energy | nuclear"),
+    plot: Optional[Path] = typer.Option(None, help="Where to write the spectrum PNG [default: DIR/spectrum.png or ./]"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON"),
+):
+    """Per-module table (shape, chosen r, share of the spectrum kept, trainable count) and a spectrum plot."""
+
+    def body():
+        from .inspect import plot_spectra, spectra
+
+        _quiet_libraries()
+        model, title, default_plot, trained = _inspect_target(model_or_dir, targets, rank, threshold, information)
+        rows = spectra(model, trained=trained)
+        if not rows:
+            raise UserError(f"{model_or_dir} has no SVFit modules to inspect (was it trained with --method svfit?)")
+        _print_table(rows, title)
+        path = plot_spectra(rows, plot or default_plot, title)
+        typer.echo(f"spectrum plot: {path}")
+        if json_out:
+            from .train.results import write_json
+
+            write_json(json_out, {"title": title, "modules": [_row_json(r) for r in rows]})
+
+    _guard(body)
+
+
+@app.command("list")
+def list_():
+    """List the tasks and methods."""
+    from .methods import METHODS
+    from .tasks import TASK_NAMES, get_task
+
+    typer.echo("tasks:")
+    for name in TASK_NAMES:
+        typer.echo(f"  {name:13s} {get_task(name).help}")
+    typer.echo("methods:")
+    for name, m in METHODS.items():
+        typer.echo(f"  {name:13s} {m.help}")
+
+
+def _inspect_target(arg, targets, rank, threshold, information):
+    """(model with SVFit layers, title, default plot path, trained?) for a run dir, a task name or a model dir."""
+    from peft import get_peft_model
+
+    from .tasks import TASK_NAMES, get_task
+    from .tuner import SVFitConfig
+
+    path = Path(arg)
+    if (path / "result.json").is_file():
+        from .train.run import load_run
+
+        task, model, result = load_run(path)
+        if result["run_info"]["train_config"]["method"] != "svfit":
+            raise UserError(f"{arg} was trained with --method {result['run_info']['train_config']['method']}, not svfit")
+        return model, f"{task.name}: SVFit after fine-tuning", path / "spectrum.png", True
+    config_kwargs = dict(r=_parse_rank(rank), threshold=threshold, information=information)
+    if arg in TASK_NAMES:
+        task = get_task(arg)
+        chosen = _parse_targets(targets) or task.targets
+        chosen = list(chosen) if isinstance(chosen, tuple) else chosen
+        model = get_peft_model(task.load_model(), SVFitConfig(target_modules=chosen, **config_kwargs))
+        return model, f"{task.model_name}: pre-trained spectra", Path(f"spectrum-{arg}.png"), False
+    if (path / "config.json").is_file():
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(path)
+        model = get_peft_model(model, SVFitConfig(target_modules=_parse_targets(targets), **config_kwargs))
+        return model, f"{path.name}: pre-trained spectra", Path(f"spectrum-{path.name}.png"), False
+    raise UserError(
+        f"{arg!r} is neither a run directory (with result.json), a task ({', '.join(TASK_NAMES)}), nor a model "
+        "directory (with config.json)"
+    )
+
+
+def _print_table(rows, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    table = Table(title=title, show_lines=False)
+    for col, justify in (("module", "left"), ("shape", "right"), ("r / n", "right"), ("energy kept", "right"),
+                         ("nuclear kept", "right"), ("trainable", "right")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(r.module, "x".join(map(str, r.shape)), f"{r.r} / {min(r.shape)}", pct(r.energy_kept),
+                      pct(r.nuclear_kept), f"{r.trainable:,}")
+    table.add_section()
+    table.add_row(f"{len(rows)} modules", "", f"{sum(r.r for r in rows)} / {sum(min(r.shape) for r in rows)}", "", "",
+                  f"{sum(r.trainable for r in rows):,}")
+    Console(width=max(150, Console().width)).print(table)
+
+
+def _row_json(r) -> dict:
+    return {
+        "module": r.module, "shape": list(r.shape), "r": r.r, "trainable": r.trainable,
+        "energy_kept": r.energy_kept, "nuclear_kept": r.nuclear_kept,
+        "pretrained_sigma": r.pretrained.tolist(),
+        "adapted_sigma": None if r.adapted is None else r.adapted.tolist(),
+    }
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The one training loop every task and method goes through, so that comparisons are like for like."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+
+@dataclass
+class OptimConfig:
+    lr: float  # trained adapter parameters (singular values for SVFit; the backbone for full fine-tuning)
+    head_lr: float  # new task heads (modules_to_save)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainLog:
+    """What the loop measured; becomes result.json's train_info."""
+
+    steps: int = 0
+    examples: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    curve: list[dict] = field(default_factory=list)  # one entry per logging interval
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        return self.curve[-1]["train loss"] if self.curve else None
+
+
+def param_groups(model: nn.Module, optim: OptimConfig, is_head: Callable[[str], bool]) -> list[dict]:
+    """Separate learning rates for the adapter and for new heads: singular values want rates ~100x those of a
+    freshly initialised linear head (see SVFIT.md's priors), LoRA the opposite."""
+    adapter, head = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (head if is_head(name) else adapter).append(p)
+    groups = []
+    if adapter:
+        groups.append({"params": adapter, "lr": optim.lr, "weight_decay": optim.weight_decay, "name": "adapter"})
+    if head:
+        groups.append({"params": head, "lr": optim.head_lr, "weight_decay": optim.weight_decay, "name": "head"})
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad")
+    return groups
+
+
+def fit(
+    model: nn.Module,
+    dataset: Sequence,
+    collate: Callable[[list], dict],
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+    optim: OptimConfig,
+    *,
+    epochs: float,
+    batch_size: int,
+    seed: int,
+    is_head: Callable[[str], bool],
+    accelerator: Optional[Accelerator] = None,
+    log_every: int = 10,
+    progress: bool = True,
+    count_tokens: Optional[Callable[[dict], int]] = None,
+    on_train_start: Optional[Callable[[nn.Module], None]] = None,
+) -> TrainLog:
+    """Train ``model`` in place with AdamW, linear warm-up/decay and gradient clipping.
+
+    ``epochs`` may be fractional (e.g. 0.5 stops half way through the first epoch). ``on_train_start`` lets a task
+    adjust modes after ``model.train()`` (e.g. keep BatchNorm statistics frozen).
+    """
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    total_steps = max(1, math.ceil(epochs * len(loader)))
+    optimizer = torch.optim.AdamW(param_groups(model, optim, is_head))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    log = TrainLog()
+    window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+    model.train()
+    if on_train_start is not None:
+        on_train_start(model)
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    while log.steps < total_steps:
+        for batch in loader:
+            loss = loss_fn(model, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate (--lr)"
+                )
+            accelerator.backward(loss)
+            if optim.grad_clip:
+                accelerator.clip_grad_norm_(trainable, optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            n = _batch_size(batch)
+            log.steps += 1
+            log.examples += n
+            log.tokens += count_tokens(batch) if count_tokens else 0
+            window_loss += loss.item() * n
+            window_n += n
+            elapsed = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", ex_per_s=f"{log.examples / max(elapsed, 1e-9):.1f}")
+            if log.steps % log_every == 0 or log.steps == total_steps:
+                now = time.perf_counter()
+                entry = {
+                    "step": log.steps,
+                    "train loss": window_loss / max(window_n, 1),
+                    "train samples": log.examples,
+                    "train time": now - window_start,
+                    "examples / sec": window_n / max(now - window_start, 1e-9),
+                    "epoch": log.steps / len(loader),
+                    "lr": scheduler.get_last_lr()[0],
+                }
+                if count_tokens:
+                    entry["train total tokens"] = log.tokens
+                log.curve.append(entry)
+                window_loss, window_n, window_start = 0.0, 0, now
+            if log.steps >= total_steps:
+                break
+    bar.close()
+    log.train_time = time.perf_counter() - start
+    model.eval()
+    return log
+
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    raise ValueError("batch has no tensor")

@@ -1,0 +1,134 @@
+"""result.json in the schema of PEFT's method_comparison results (run_info / train_info / meta_info), plus the
+environment facts every reported number needs: package versions and the machine it was measured on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import resource
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+RESULT_FILE = "result.json"
+PACKAGES = ("svfit", "peft", "transformers", "torch", "accelerate", "safetensors", "numpy")
+
+
+def package_info() -> dict[str, Any]:
+    info = {}
+    for name in PACKAGES:
+        try:
+            info[f"{name}-version"] = md.version(name)
+        except md.PackageNotFoundError:
+            info[f"{name}-version"] = None
+    return info
+
+
+def system_info() -> dict[str, Any]:
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
+    return {
+        "system": platform.system(),
+        "release": platform.release(),
+        "version": platform.version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": accelerator,
+    }
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak resident memory of this process (bytes) and, with CUDA, peak accelerator memory."""
+    out = {"cpu_rss_max": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # ru_maxrss is KiB on Linux
+    if torch.cuda.is_available():
+        out["accelerator_memory_max"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def meta_info(model_name: str, dataset_name: str) -> dict[str, Any]:
+    return {
+        "model_info": {"name": model_name},
+        "dataset_info": {"name": dataset_name},
+        "package_info": package_info(),
+        "system_info": system_info(),
+        "pytorch_info": torch.__config__.show(),
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=_jsonable)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_result(run_dir: Path) -> dict:
+    path = Path(run_dir) / RESULT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not an svfit run directory (no {RESULT_FILE}); run `svfit train` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is corrupt ({exc.msg} at line {exc.lineno}); re-run `svfit train`") from None
+
+
+def check_writable(out_dir: Path, overwrite: bool) -> None:
+    """Fail before any work if the output cannot be written (rather than after minutes of training)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a directory; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {out_dir} already holds files; choose another directory or pass --overwrite")
+    parent = out_dir.parent if not out_dir.exists() else out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write to {parent}: choose a writable --out directory")
+
+
+@contextmanager
+def staged_directory(out_dir: Path) -> Iterator[Path]:
+    """Build a directory's contents in a sibling temp dir and move it into place only when complete, so an
+    interrupted or failed run never leaves a half-written output."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield stage
+        if out_dir.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, backup / "old")
+            os.replace(stage, out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(stage, out_dir)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _jsonable(obj):
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "value"):  # enums such as PeftType / TaskType
+        return obj.value
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,194 @@
+"""One experiment end to end: load a task's pre-trained model and data, score it, apply a method, train with the
+shared loop, score again, and write ``adapter/`` (or ``model/``) plus ``result.json`` atomically."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..methods import MethodOptions, get_method
+from ..tasks import get_task
+from .loop import OptimConfig, fit
+from .results import RESULT_FILE, check_writable, meta_info, now_iso, peak_memory, read_result, staged_directory, write_json
+
+
+@dataclass
+class RunConfig:
+    task: str = "sentiment"
+    method: str = "svfit"
+    out: Path = Path("runs/sentiment-svfit")
+    seed: int = 0
+    epochs: Optional[float] = None  # None: the task's default
+    lr: Optional[float] = None
+    head_lr: Optional[float] = None
+    batch_size: Optional[int] = None
+    train_limit: Optional[int] = None
+    eval_limit: Optional[int] = None
+    weight_decay: float = 0.0
+    options: MethodOptions = field(default_factory=MethodOptions)
+    overwrite: bool = False
+    progress: bool = True
+
+    def resolved(self) -> "RunConfig":
+        """Fill every None with the task's default, so result.json records the values actually used."""
+        task = get_task(self.task)
+        get_method(self.method)  # fail early on a bad name
+        d = task.defaults
+        return RunConfig(
+            task=self.task,
+            method=self.method,
+            out=Path(self.out),
+            seed=self.seed,
+            epochs=d.epochs if self.epochs is None else self.epochs,
+            lr=d.lr[self.method] if self.lr is None else self.lr,
+            head_lr=d.head_lr if self.head_lr is None else self.head_lr,
+            batch_size=d.batch_size if self.batch_size is None else self.batch_size,
+            train_limit=d.train_limit if self.train_limit is None else self.train_limit,
+            eval_limit=d.eval_limit if self.eval_limit is None else self.eval_limit,
+            weight_decay=self.weight_decay,
+            options=self.options,
+            overwrite=self.overwrite,
+            progress=self.progress,
+        )
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d.pop("progress")
+        d.pop("overwrite")
+        return d
+
+
+def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
+    started = time.perf_counter()
+    cfg = config.resolved()
+    check_writable(cfg.out, cfg.overwrite)
+    task, method = get_task(cfg.task), get_method(cfg.method)
+    for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr), ("head-lr", cfg.head_lr), ("batch-size", cfg.batch_size)):
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+
+    echo(f"task {task.name}: {task.model_name} on {task.dataset_name}")
+    torch.manual_seed(cfg.seed)  # the new head's init
+    model = task.load_model()
+    train_set, eval_set = task.load_data(cfg.seed, cfg.train_limit, cfg.eval_limit)
+    if not train_set or not eval_set:
+        raise ValueError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
+    echo(f"data: {len(train_set)} train / {len(eval_set)} held-out examples (seed {cfg.seed})")
+
+    before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
+    echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
+
+    model = method.apply(model, task, cfg.options)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and task.is_head(n))
+    echo(
+        f"method {method.name}: {n_trainable:,} trainable parameters ({n_trainable - n_head:,} adapter + {n_head:,} "
+        f"head) of {n_total:,}; lr {cfg.lr:g}, head lr {cfg.head_lr:g}"
+    )
+    optim = OptimConfig(lr=cfg.lr, head_lr=cfg.head_lr, weight_decay=cfg.weight_decay)
+    log = fit(
+        model,
+        train_set,
+        task.collate,
+        task.loss,
+        optim,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        is_head=task.is_head,
+        progress=cfg.progress,
+        count_tokens=task.count_tokens,
+        on_train_start=task.on_train_start,
+    )
+    eval_start = time.perf_counter()
+    after = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
+    eval_time = time.perf_counter() - eval_start
+    echo(f"after fine-tuning:  accuracy {after['accuracy']:.4f}  loss {after['loss']:.4f}  ({log.train_time:.0f} s training)")
+
+    with staged_directory(cfg.out) as stage:
+        weights = method.save(model, stage)
+        result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_total, started)
+        write_json(stage / RESULT_FILE, result)
+    echo(f"saved {cfg.out}/ ({weights.relative_to(stage)}: {result['train_info']['file_size']:,} bytes)")
+    return result
+
+
+def load_run(run_dir: Path):
+    """(task, model ready for inference, result.json) of a finished run."""
+    run_dir = Path(run_dir)
+    result = read_result(run_dir)
+    tc = result["run_info"]["train_config"]
+    task, method = get_task(tc["task"]), get_method(tc["method"])
+    weights = method.weights_path(run_dir)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the run directory is incomplete; re-run `svfit train`")
+    torch.manual_seed(tc["seed"])
+    base = task.load_model()
+    try:
+        model = method.load(base, run_dir)
+    except Exception as exc:  # corrupt or foreign files: say which and what to do
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"cannot load {weights}: {exc}. The file is corrupt or from another model; re-run `svfit train`") from exc
+    return task, model, result
+
+
+def eval_run(run_dir: Path, progress: bool = True) -> tuple[dict, dict]:
+    """Re-score a saved run on its own held-out split; returns (fresh metrics, recorded metrics)."""
+    task, model, result = load_run(run_dir)
+    tc = result["run_info"]["train_config"]
+    _, eval_set = task.load_data(tc["seed"], tc["train_limit"], tc["eval_limit"])
+    metrics = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=progress)
+    return metrics, result["train_info"]["metrics"][-1]
+
+
+def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_total, started) -> dict:
+    peft_config = None
+    if hasattr(model, "peft_config"):
+        peft_config = model.peft_config["default"].to_dict()
+    final = {
+        "step": log.steps,
+        "test accuracy": after["accuracy"],
+        "test loss": after["loss"],
+        "test examples": after["examples"],
+        "accuracy before": before["accuracy"],
+        "loss before": before["loss"],
+        "train loss": log.final_loss,
+        "train samples": log.examples,
+        "eval time": eval_time,
+    }
+    if log.tokens:
+        final["train total tokens"] = log.tokens
+    for key in ("unparsed",):
+        if key in after:
+            final[f"test {key}"] = after[key]
+    svfit_summary = None
+    if hasattr(model, "svfit_summary"):
+        svfit_summary = [row.to_json() for row in model.svfit_summary()]
+    return {
+        "run_info": {
+            "created_at": now_iso(),
+            "total_time": time.perf_counter() - started,
+            "experiment_name": f"{cfg.method}/{cfg.task}",
+            "train_config": cfg.to_json(),
+            "peft_config": peft_config,
+            "error_msg": "",
+        },
+        "train_info": {
+            **{f"{k}": v for k, v in peak_memory().items()},
+            "train_time": log.train_time,
+            "file_size": weights.stat().st_size,
+            "num_trainable_params": n_trainable,
+            "num_total_params": n_total,
+            "status": "success",
+            "metrics": [*log.curve, final],
+            "svfit_ranks": svfit_summary,
+        },
+        "meta_info": meta_info(task.model_name, task.dataset_name),
+    }
