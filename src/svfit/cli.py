@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model and dataset comes from an installed package
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import typer  # noqa: E402
@@ -46,9 +45,8 @@ def _guard(fn, *args, **kwargs):
         raise
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", 130)
-    except (UserError, AssetMissingError, BaseWeightMismatchError, FileExistsError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError, FloatingPointError) as exc:
-        _fail(str(exc))
+    except (UserError, AssetMissingError, BaseWeightMismatchError, OSError, FloatingPointError) as exc:
+        _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
     except (ValueError, KeyError, TypeError) as exc:
         if os.environ.get("SVFIT_DEBUG"):
             raise
@@ -85,6 +83,9 @@ def _parse_targets(targets: Optional[str]):
 def train(
     task: str = typer.Option("sentiment", help=TASK_HELP),
     method: str = typer.Option("svfit", help=METHOD_HELP),
+    model: Optional[str] = typer.Option(
+        None, help="Replace the task's bundled model with a local model directory or a Hugging Face Hub id"
+    ),
     out: Optional[Path] = typer.Option(None, help="Output directory [default: runs/TASK-METHOD]"),
     seed: int = typer.Option(0, help="Seed for the data split, the new head and the data order."),
     epochs: Optional[float] = typer.Option(None, help="Epochs (fractions allowed) [default: per task]"),
@@ -114,7 +115,7 @@ def train(
 ):
     """Fine-tune a pre-trained model on a task; print accuracy before and after; save the adapter and result.json.
 
-    Everything runs offline from installed packages. Writes OUT/adapter/ (PEFT format; OUT/model/ for full
+    The bundled models and data come from installed packages (no hub access needed). Writes OUT/adapter/ (PEFT format; OUT/model/ for full
     fine-tuning) and OUT/result.json (PEFT method_comparison schema), atomically.
     """
 
@@ -123,7 +124,7 @@ def train(
         from .tasks import get_task
         from .train.run import RunConfig, train_run
 
-        get_task(task)
+        get_task(task, model)
         get_method(method)
         train_n, eval_n = train_limit, eval_limit
         if limit is not None:
@@ -143,7 +144,7 @@ def train(
             save_bases=save_bases,
         )
         config = RunConfig(
-            task=task, method=method, out=out or Path("runs") / f"{task}-{method}", seed=seed, epochs=epochs, lr=lr,
+            task=task, method=method, model=model, out=out or Path("runs") / f"{task}-{method}", seed=seed, epochs=epochs, lr=lr,
             head_lr=head_lr, batch_size=batch_size, train_limit=train_n, eval_limit=eval_n,
             weight_decay=weight_decay, options=options,
             overwrite=overwrite or out is None,  # the default location is ours to refresh
@@ -198,7 +199,7 @@ def predict(
 @app.command()
 def inspect(
     model_or_dir: str = typer.Argument(
-        ..., help="A run directory (after fine-tuning), a task name (its pre-trained model), or a local HF model dir"
+        ..., help="A run directory (after fine-tuning), a task name (its pre-trained model), or a HF model dir / hub id"
     ),
     targets: Optional[str] = typer.Option(None, help="Target modules for a task or model [default: per task/model]"),
     rank: Optional[str] = typer.Option(None, help="Fixed r or 'full' [default: threshold]"),
@@ -264,10 +265,10 @@ def _inspect_target(arg, targets, rank, threshold, information):
         chosen = list(chosen) if isinstance(chosen, tuple) else chosen
         model = get_peft_model(task.load_model(), SVFitConfig(target_modules=chosen, **config_kwargs))
         return model, f"{task.model_name}: pre-trained spectra", Path(f"spectrum-{arg}.png"), False
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (not path.exists() and arg.count("/") == 1):
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(arg)  # a local directory, or a hub id for users with hub access
         model = get_peft_model(model, SVFitConfig(target_modules=_parse_targets(targets), **config_kwargs))
         return model, f"{path.name}: pre-trained spectra", Path(f"spectrum-{path.name}.png"), False
     raise UserError(

@@ -75,9 +75,15 @@ def plot_spectra(rows: list[ModuleSpectrum], path: Path, title: str, max_panels:
         ax.axvline(row.r + 0.5, color="tab:red", ls="--", lw=0.8, label=f"r = {row.r}")
         if row.adapted is not None:
             ax.semilogy(idx[: row.r], row.adapted.abs().clamp_min(1e-12), color="tab:blue", lw=1.0, label="fine-tuned")
+            # the change is usually small next to the spectrum's range: show it relative to sigma on a second axis
+            change = ax.twinx()
+            rel = 100 * (row.adapted - row.pretrained[: row.r]) / row.pretrained[: row.r].clamp_min(1e-12)
+            change.plot(idx[: row.r], rel, color="tab:orange", lw=0.6, alpha=0.8)
+            change.set_ylabel("change (%)", fontsize=7, color="tab:orange")
+            change.tick_params(labelsize=6, colors="tab:orange")
         ax.set_title(_short(row.module), fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="lower left")
     for ax in list(axes.flat)[len(chosen) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -116,9 +117,22 @@ class PissaMethod(LoraMethod):
         init_dir = getattr(model, "_svfit_pissa_init_dir", None)
         if init_dir is None:
             raise RuntimeError("PiSSA model was not created by PissaMethod.apply: cannot convert it for saving")
-        model.save_pretrained(dest, path_initial_model_for_weight_conversion=str(init_dir))
+        with warnings.catch_warnings():
+            # PEFT warns that PiSSA mutates the base model; the conversion below is exactly its advice
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            model.save_pretrained(dest, path_initial_model_for_weight_conversion=str(init_dir))
         shutil.rmtree(init_dir, ignore_errors=True)
-        return dest / "adapter_model.safetensors"
+        # PEFT 0.21's conversion keeps only the LoRA tensors: put the trained head (modules_to_save) back
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        weights = dest / "adapter_model.safetensors"
+        extra = {k: v for k, v in get_peft_model_state_dict(model).items() if "lora_" not in k}
+        if extra:
+            tensors = load_file(weights)
+            tensors.update({k: v.detach().contiguous() for k, v in extra.items()})
+            save_file(tensors, weights, metadata={"format": "pt"})
+        return weights
 
 
 class IA3Method(Method):

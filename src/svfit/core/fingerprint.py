@@ -4,9 +4,11 @@ An SVFit adapter stores only the trained singular values; the singular vectors a
 when the adapter is loaded. Loading onto a different base weight would silently produce garbage, so every adapter
 records a fingerprint of each base weight it was trained on and refuses to load onto anything else.
 
-A fingerprint holds a hash of the weight's bytes (exact identity), its shape and dtype, and spectral summaries
-(Frobenius norm, top singular values) that survive a dtype or device change, so that a bf16 copy of the right model
-is told apart from the wrong model.
+A fingerprint holds a hash of the weight's bytes (exact identity), its shape and dtype, a small seeded random
+sketch G_out^T W G_in that survives a change of storage precision, and (for messages) the Frobenius norm and top
+singular values. Same dtype and a different hash means a different weight. Across dtypes (a bf16 copy of the right
+model), the sketches must agree to within the rounding of the lower precision. Norms and top singular values alone
+cannot decide: they concentrate for same-shape random or fine-tuned matrices.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import Literal
 
 import torch
 
-# Spectral summaries of the same weight stored at different precisions agree to well within this (bf16 keeps ~3
-# significant digits); a different pre-trained weight differs by far more.
-SPECTRAL_RTOL = 1e-2
+# The sketch of the same weight stored in bf16 (8-bit mantissa) and fp32 differs by ~2^-9 relative; two fine-tunes
+# of one model that differ by a few percent per entry, or independent initialisations, differ by far more.
+SKETCH_RTOL = 2e-2
+SKETCH_PROBES = 4  # sketch = G_out^T W G_in with 4 x 4 seeded Gaussian probes: 16 numbers
+SKETCH_SEED = 20240909
 N_TOP_SIGMA = 2
 
 Match = Literal["identical", "close", "different"]
@@ -33,11 +37,13 @@ class Fingerprint:
     dtype: str
     fro: float
     top_sigma: tuple[float, ...]
+    sketch: tuple[float, ...]
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["top_sigma"] = list(self.top_sigma)
+        d["sketch"] = list(self.sketch)
         return d
 
     @classmethod
@@ -49,13 +55,13 @@ class Fingerprint:
                 dtype=str(d["dtype"]),
                 fro=float(d["fro"]),
                 top_sigma=tuple(float(x) for x in d["top_sigma"]),
+                sketch=tuple(float(x) for x in d["sketch"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed base-weight fingerprint {d!r} in the adapter config") from exc
 
     def describe(self) -> str:
-        sig = ", ".join(f"{s:.4g}" for s in self.top_sigma)
-        return f"shape {list(self.shape)}, {self.dtype}, ||W||_F={self.fro:.6g}, top sigma=[{sig}]"
+        return f"shape {list(self.shape)}, {self.dtype}, ||W||_F={self.fro:.6g}, blake2b {self.hash[:12]}"
 
 
 def hash_tensor(t: torch.Tensor) -> str:
@@ -70,37 +76,40 @@ def hash_tensor(t: torch.Tensor) -> str:
 
 def fingerprint(weight: torch.Tensor, top_sigma: torch.Tensor | None = None) -> Fingerprint:
     """Fingerprint a stored weight. ``top_sigma`` (descending) avoids a second SVD when the caller already has one."""
-    W = weight.detach().float()
+    W = weight.detach().reshape(weight.shape[0], -1).double().cpu()
     if top_sigma is None:
-        top_sigma = _top_singular_values(W.reshape(W.shape[0], -1))
+        top_sigma = torch.linalg.svdvals(W)[:N_TOP_SIGMA]
     return Fingerprint(
         hash=hash_tensor(weight),
         shape=tuple(weight.shape),
         dtype=str(weight.dtype).removeprefix("torch."),
-        fro=float(torch.linalg.vector_norm(W.double())),
+        fro=float(torch.linalg.vector_norm(W)),
         top_sigma=tuple(float(s) for s in top_sigma[:N_TOP_SIGMA]),
+        sketch=tuple(float(x) for x in sketch(W).flatten()),
     )
+
+
+def sketch(W: torch.Tensor) -> torch.Tensor:
+    """G_out^T W G_in for seeded Gaussian probes: a few numbers that move with every entry of W."""
+    g = torch.Generator().manual_seed(SKETCH_SEED)
+    G_out = torch.randn(W.shape[0], SKETCH_PROBES, generator=g, dtype=torch.float64)
+    G_in = torch.randn(W.shape[1], SKETCH_PROBES, generator=g, dtype=torch.float64)
+    return G_out.T @ W.double() @ G_in
 
 
 def compare(recorded: Fingerprint, weight: torch.Tensor) -> tuple[Match, Fingerprint]:
     """How ``weight`` relates to the weight a fingerprint was recorded from."""
+    current_hash = hash_tensor(weight)
     if tuple(weight.shape) != recorded.shape:
-        return "different", Fingerprint(hash_tensor(weight), tuple(weight.shape), str(weight.dtype), math.nan, ())
-    if hash_tensor(weight) == recorded.hash:
-        # the hash covers shape, dtype and bytes: nothing else can differ
-        return "identical", recorded
-    current = fingerprint(weight)
-    close = _rel_close(current.fro, recorded.fro) and all(
-        _rel_close(a, b, scale=recorded.top_sigma[0] if recorded.top_sigma else 1.0)
-        for a, b in zip(current.top_sigma, recorded.top_sigma)
+        return "different", Fingerprint(current_hash, tuple(weight.shape), str(weight.dtype), math.nan, (), ())
+    if current_hash == recorded.hash:
+        return "identical", recorded  # the hash covers shape, dtype and bytes: nothing else can differ
+    current = fingerprint(weight, top_sigma=torch.empty(0))
+    if current.dtype == recorded.dtype:
+        return "different", current  # same storage, other bytes: another weight
+    a = torch.tensor(current.sketch, dtype=torch.float64)
+    b = torch.tensor(recorded.sketch, dtype=torch.float64)
+    close = b.numel() == a.numel() and float(torch.linalg.vector_norm(a - b)) <= SKETCH_RTOL * float(
+        torch.linalg.vector_norm(b)
     )
     return ("close" if close else "different"), current
-
-
-def _top_singular_values(W: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(W)[:N_TOP_SIGMA]
-
-
-def _rel_close(a: float, b: float, scale: float | None = None) -> bool:
-    ref = max(abs(b), abs(scale) if scale is not None else 0.0, 1e-12)
-    return abs(a - b) <= SPECTRAL_RTOL * ref

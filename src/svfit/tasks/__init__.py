@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .base import Prediction, Task, TaskDefaults
 
 DEFAULT_TASK = "sentiment"
 
 
-def _registry() -> dict[str, Task]:
-    # imported lazily: building the registry must not import every model family
-    from .lm import LM_SENTIMENT
-    from .text import SENTIMENT, SUBJECTIVITY
-    from .vision import FASHION, VIT_FASHION
+def _factories():
+    # imported lazily: listing the tasks must not import every model family
+    from .lm import LMSentiment
+    from .text import sentiment, subjectivity
+    from .vision import EfficientNetFashion, ViTFashion
 
-    return {t.name: t for t in (SENTIMENT, SUBJECTIVITY, VIT_FASHION, FASHION, LM_SENTIMENT)}
+    return {
+        "sentiment": sentiment,
+        "subjectivity": subjectivity,
+        "vit-fashion": ViTFashion,
+        "fashion": EfficientNetFashion,
+        "lm-sentiment": LMSentiment,
+    }
 
 
 TASK_NAMES = ("sentiment", "subjectivity", "vit-fashion", "fashion", "lm-sentiment")
 
 
-def get_task(name: str) -> Task:
-    tasks = _registry()
-    if name not in tasks:
+def get_task(name: str, model: Optional[str] = None) -> Task:
+    """A fresh task instance. ``model`` replaces the task's bundled pre-trained model with a local directory or a
+    Hugging Face Hub id (for users with hub access), where the task supports it."""
+    factories = _factories()
+    if name not in factories:
         raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
-    return tasks[name]
+    task = factories[name]()
+    if model is not None:
+        if not task.supports_model_override:
+            raise ValueError(f"task {name!r} uses its own network definition; --model is not supported there")
+        task.model_source = model
+    return task
 
 
 __all__ = ["DEFAULT_TASK", "Prediction", "TASK_NAMES", "Task", "TaskDefaults", "get_task"]

@@ -43,6 +43,8 @@ class Task(ABC):
     peft_task_type: Optional[str] = None
     defaults: TaskDefaults
     input_kind: str = "text"  # what `svfit predict` expects: "text" or "image"
+    model_source: Optional[str] = None  # a local model directory or hub id replacing the bundled model
+    supports_model_override: bool = True
 
     # -- model and data --------------------------------------------------------------------------------------------
 

@@ -40,6 +40,8 @@ class LMSentiment(Task):
 
     @cached_property
     def checkpoint(self):
+        if self.model_source is not None:
+            return self.model_source
         from ..assets import smollm2_checkpoint
 
         return smollm2_checkpoint()
@@ -49,6 +51,8 @@ class LMSentiment(Task):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.checkpoint)
+        if not tok.chat_template:
+            raise ValueError(f"{self.checkpoint} has no chat template: lm-sentiment needs an instruction-tuned model")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -148,5 +152,3 @@ class LMSentiment(Task):
         scores = {w: float(p) for w, p in zip(WORDS, probs)}
         return Prediction(label, scores[label], scores, generated=generated)
 
-
-LM_SENTIMENT = LMSentiment()

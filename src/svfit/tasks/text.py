@@ -33,20 +33,25 @@ class MiniLMClassification(Task):
     def __init__(self, name: str, corpus_task: str, labels: tuple[str, ...], help: str):
         self.name, self.corpus_task, self.labels, self.help = name, corpus_task, labels, help
 
+    @property
+    def source(self):
+        return self.model_source or minilm_dir()
+
     @cached_property
     def tokenizer(self):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(minilm_dir())
+        return AutoTokenizer.from_pretrained(self.source)
 
     def load_model(self) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification.from_pretrained(
-            minilm_dir(),
+            self.source,
             num_labels=len(self.labels),
             id2label=dict(enumerate(self.labels)),
             label2id={label: i for i, label in enumerate(self.labels)},
+            ignore_mismatched_sizes=self.model_source is not None,  # a checkpoint may bring its own head
         )
 
     def load_data(self, seed: int, train_limit: Optional[int], eval_limit: Optional[int]):
@@ -71,15 +76,19 @@ class MiniLMClassification(Task):
         return softmax_prediction(model(**batch).logits[0], self.labels)
 
 
-SENTIMENT = MiniLMClassification(
-    "sentiment",
-    "sentiment",
-    ("rotten", "fresh"),
-    "MiniLM-L6 (BERT) on Rotten Tomatoes reviews: fresh vs rotten (the default task)",
-)
-SUBJECTIVITY = MiniLMClassification(
-    "subjectivity",
-    "subjectivity",
-    ("plot", "review"),
-    "MiniLM-L6 (BERT) on Rotten Tomatoes: review (subjective) vs plot description (objective)",
-)
+def sentiment() -> MiniLMClassification:
+    return MiniLMClassification(
+        "sentiment",
+        "sentiment",
+        ("rotten", "fresh"),
+        "MiniLM-L6 (BERT) on Rotten Tomatoes reviews: fresh vs rotten (the default task)",
+    )
+
+
+def subjectivity() -> MiniLMClassification:
+    return MiniLMClassification(
+        "subjectivity",
+        "subjectivity",
+        ("plot", "review"),
+        "MiniLM-L6 (BERT) on Rotten Tomatoes: review (subjective) vs plot description (objective)",
+    )

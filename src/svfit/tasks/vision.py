@@ -82,16 +82,20 @@ class ViTFashion(FashionMNISTTask):
     std = IMAGENET_STD
 
     def load_model(self) -> nn.Module:
-        from transformers import Dinov2ForImageClassification
+        from transformers import AutoModelForImageClassification, Dinov2ForImageClassification
 
-        from ..assets import dinov2_checkpoint
-
-        return Dinov2ForImageClassification.from_pretrained(
-            dinov2_checkpoint(),
+        kwargs = dict(
             num_labels=len(self.labels),
             id2label=dict(enumerate(self.labels)),
             label2id={label: i for i, label in enumerate(self.labels)},
         )
+        if self.model_source is not None:  # any image classifier (its ImageNet head is replaced)
+            return AutoModelForImageClassification.from_pretrained(
+                self.model_source, ignore_mismatched_sizes=True, **kwargs
+            )
+        from ..assets import dinov2_checkpoint
+
+        return Dinov2ForImageClassification.from_pretrained(dinov2_checkpoint(), **kwargs)
 
 
 class EfficientNetFashion(FashionMNISTTask):
@@ -109,6 +113,7 @@ class EfficientNetFashion(FashionMNISTTask):
     )
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
+    supports_model_override = False
 
     # every dense 1x1 convolution (expand, project, head) plus the stem, as a regex over the checkpoint's names
     targets = r".*\.(_expand_conv|_project_conv|_conv_head|_conv_stem)"
@@ -159,6 +164,3 @@ def load_image_as_fashion_mnist(path: str) -> np.ndarray:
         arr = 255 - arr
     return arr
 
-
-VIT_FASHION = ViTFashion()
-FASHION = EfficientNetFashion()

@@ -20,6 +20,7 @@ from .results import RESULT_FILE, check_writable, meta_info, now_iso, peak_memor
 class RunConfig:
     task: str = "sentiment"
     method: str = "svfit"
+    model: Optional[str] = None  # a local dir or hub id replacing the task's bundled pre-trained model
     out: Path = Path("runs/sentiment-svfit")
     seed: int = 0
     epochs: Optional[float] = None  # None: the task's default
@@ -35,12 +36,13 @@ class RunConfig:
 
     def resolved(self) -> "RunConfig":
         """Fill every None with the task's default, so result.json records the values actually used."""
-        task = get_task(self.task)
+        task = get_task(self.task, self.model)
         get_method(self.method)  # fail early on a bad name
         d = task.defaults
         return RunConfig(
             task=self.task,
             method=self.method,
+            model=self.model,
             out=Path(self.out),
             seed=self.seed,
             epochs=d.epochs if self.epochs is None else self.epochs,
@@ -67,12 +69,12 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     started = time.perf_counter()
     cfg = config.resolved()
     check_writable(cfg.out, cfg.overwrite)
-    task, method = get_task(cfg.task), get_method(cfg.method)
+    task, method = get_task(cfg.task, cfg.model), get_method(cfg.method)
     for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr), ("head-lr", cfg.head_lr), ("batch-size", cfg.batch_size)):
         if value is not None and value <= 0:
             raise ValueError(f"--{name} must be positive, got {value}")
 
-    echo(f"task {task.name}: {task.model_name} on {task.dataset_name}")
+    echo(f"task {task.name}: {cfg.model or task.model_name} on {task.dataset_name}")
     torch.manual_seed(cfg.seed)  # the new head's init
     model = task.load_model()
     train_set, eval_set = task.load_data(cfg.seed, cfg.train_limit, cfg.eval_limit)
@@ -124,7 +126,7 @@ def load_run(run_dir: Path):
     run_dir = Path(run_dir)
     result = read_result(run_dir)
     tc = result["run_info"]["train_config"]
-    task, method = get_task(tc["task"]), get_method(tc["method"])
+    task, method = get_task(tc["task"], tc.get("model")), get_method(tc["method"])
     weights = method.weights_path(run_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the run directory is incomplete; re-run `svfit train`")
@@ -190,5 +192,5 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
             "metrics": [*log.curve, final],
             "svfit_ranks": svfit_summary,
         },
-        "meta_info": meta_info(task.model_name, task.dataset_name),
+        "meta_info": meta_info(cfg.model or task.model_name, task.dataset_name),
     }

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -117,6 +117,7 @@ class SVFitLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []  # rebind: the class-level list would be shared by every layer
         self.kwargs = kwargs
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
     # -- orientation hooks, specialised per base layer type ------------------------------------------------------
 
@@ -257,7 +258,8 @@ class SVFitLayer(BaseTunerLayer):
             # add in float32 and round once, so a bf16 merge is as close as the format allows
             merged = weight.data.float() + self._to_weight_layout(self._delta_matrix(name))
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs in the merged weights: adapter '{name}' seems to be broken")
+                # PEFT's wording, which callers and PEFT's own tests match on
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             weight.data = merged.to(weight.dtype)
             self.merged_adapters.append(name)
 
@@ -284,7 +286,9 @@ class SVFitLayer(BaseTunerLayer):
                 f"{len(adapter_names)} and {len(x)} respectively."
             )
         if self.merged:
-            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, call `unmerge_adapter` first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
 
     def _svfit_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)

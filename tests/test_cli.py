@@ -1,0 +1,232 @@
+"""The main job through the CLI, on real pre-trained models and real data, at smoke-test sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+from typer.testing import CliRunner
+
+from svfit.cli import app
+
+runner = CliRunner()
+TINY = ["--limit", "24", "--epochs", "1", "--batch-size", "8", "--quiet"]
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def sentiment_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sentiment-svfit"
+    code, output = cli("train", "--out", out, *TINY)
+    assert code == 0, output
+    return out, output
+
+
+def test_train_prints_accuracy_before_and_after_and_writes_the_run(sentiment_run):
+    out, output = sentiment_run
+    assert "before fine-tuning: accuracy" in output and "after fine-tuning:  accuracy" in output
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    result = json.loads((out / "result.json").read_text())
+    assert set(result) == {"run_info", "train_info", "meta_info"}
+    info = result["train_info"]
+    assert info["status"] == "success"
+    assert info["file_size"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert 0 < info["num_trainable_params"] < info["num_total_params"]
+    assert info["metrics"][-1]["test accuracy"] >= 0 and "accuracy before" in info["metrics"][-1]
+    assert any("train loss" in m for m in info["metrics"][:-1])
+    assert info["cpu_rss_max"] > 0 and info["train_time"] > 0
+    assert result["run_info"]["train_config"]["task"] == "sentiment"
+    assert result["run_info"]["peft_config"]["peft_type"] == "SVFIT"
+    assert result["meta_info"]["package_info"]["peft-version"]
+    assert result["meta_info"]["system_info"]["cpu_count"]
+    ranks = info["svfit_ranks"]
+    assert len(ranks) == 12 and all(0 < r["r"] <= 384 for r in ranks)
+    assert sum(r["r"] for r in ranks) + 770 == info["num_trainable_params"]  # singular values + the new head
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_eval_reproduces_the_recorded_accuracy(sentiment_run):
+    out, _ = sentiment_run
+    code, output = cli("eval", out, "--quiet")
+    assert code == 0, output
+    recorded = json.loads((out / "result.json").read_text())["train_info"]["metrics"][-1]["test accuracy"]
+    assert f"accuracy {recorded:.4f}" in output.split("(")[0]
+
+
+def test_predict_prints_label_and_probability(sentiment_run):
+    out, _ = sentiment_run
+    code, output = cli("predict", out, "A triumph: funny, warm and beautifully acted.")
+    assert code == 0, output
+    label, prob, _ = output.strip().split("\t")
+    assert label in {"fresh", "rotten"} and 0.5 <= float(prob) <= 1.0
+
+
+def test_inspect_a_run_writes_the_table_and_plot(sentiment_run, tmp_path):
+    out, _ = sentiment_run
+    code, output = cli("inspect", out, "--plot", tmp_path / "s.png", "--json", tmp_path / "s.json")
+    assert code == 0, output
+    assert "attention.self.query" in output and "12 modules" in output
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    table = json.loads((tmp_path / "s.json").read_text())
+    assert len(table["modules"]) == 12 and table["modules"][0]["adapted_sigma"] is not None
+
+
+def test_inspect_a_task_before_fine_tuning(tmp_path):
+    code, output = cli("inspect", "sentiment", "--information", "nuclear", "--plot", tmp_path / "p.png")
+    assert code == 0, output
+    assert (tmp_path / "p.png").is_file() and "12 modules" in output
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "ia3", "full"])
+def test_baseline_methods_train_save_and_reload(method, tmp_path):
+    out = tmp_path / method
+    code, output = cli("train", "--method", method, "--out", out, *TINY)
+    assert code == 0, output
+    code, output = cli("eval", out, "--quiet")
+    assert code == 0, output
+    recorded = json.loads((out / "result.json").read_text())["train_info"]["metrics"][-1]["test accuracy"]
+    assert f"accuracy {recorded:.4f}" in output.split("(")[0]
+
+
+@pytest.mark.parametrize("task", ["subjectivity", "vit-fashion", "fashion"])
+def test_every_task_runs_end_to_end(task, tmp_path):
+    out = tmp_path / task
+    code, output = cli("train", "--task", task, "--out", out, *TINY)
+    assert code == 0, output
+    assert json.loads((out / "result.json").read_text())["train_info"]["num_trainable_params"] > 0
+
+
+def test_lm_task_runs_end_to_end(tmp_path):
+    out = tmp_path / "lm"
+    code, output = cli("train", "--task", "lm-sentiment", "--out", out, "--limit", "8", "--epochs", "1",
+                       "--batch-size", "4", "--quiet")
+    assert code == 0, output
+    metrics = json.loads((out / "result.json").read_text())["train_info"]["metrics"][-1]
+    assert "test unparsed" in metrics and metrics["train total tokens"] > 0
+    code, output = cli("predict", out, "An utterly charming film.")
+    assert code == 0, output
+    assert output.split("\t")[0] in {"positive", "negative"} and "generated" in output
+
+
+def test_image_predict_takes_a_file(tmp_path):
+    from PIL import Image
+
+    from svfit.assets import load_fashion_mnist
+
+    out = tmp_path / "fashion"
+    assert cli("train", "--task", "fashion", "--out", out, *TINY)[0] == 0
+    images, _ = load_fashion_mnist("test")
+    Image.fromarray(images[0]).save(tmp_path / "item.png")
+    code, output = cli("predict", out, tmp_path / "item.png")
+    assert code == 0, output
+    assert output.split("\t")[0] in {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                     "Sneaker", "Bag", "Ankle boot"}
+    code, output = cli("predict", out, tmp_path / "missing.png")
+    assert code == 1 and "image not found" in output
+    (tmp_path / "bad.png").write_text("not an image")
+    code, output = cli("predict", out, tmp_path / "bad.png")
+    assert code == 1 and "not an image" in output
+
+
+# -- wrong input: one clear line, non-zero exit, nothing written ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--task", "imdb"], "unknown task 'imdb'"),
+        (["train", "--method", "dora"], "unknown method 'dora'"),
+        (["train", "--rank", "big"], "--rank must be an integer or 'full'"),
+        (["train", "--limit", "0"], "--limit must be >= 1"),
+        (["train", "--lr", "-1", "--limit", "8"], "--lr must be positive"),
+        (["train", "--threshold", "1.5", "--limit", "8"], "threshold must lie in (0, 1]"),
+        (["train", "--targets", "nope", "--limit", "8"], "not found in the base model"),
+        (["eval", "/nonexistent/run"], "not an svfit run directory"),
+        (["inspect", "not-a-thing"], "neither a run directory"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_exit_1(args, message, tmp_path):
+    code, output = cli(*args)
+    assert code == 1, output
+    lines = [line for line in output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], output
+    assert "Traceback" not in output
+
+
+def test_unwritable_output_fails_before_training(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        code, output = cli("train", "--out", locked / "run", *TINY)
+        assert code == 1 and "cannot write" in output and "before fine-tuning" not in output
+    finally:
+        locked.chmod(stat.S_IRWXU)
+
+
+def test_output_that_is_a_file_or_non_empty_dir_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, output = cli("train", "--out", f, *TINY)
+    assert code == 1 and "is a file" in output and "before fine-tuning" not in output
+    d = tmp_path / "full"
+    d.mkdir()
+    (d / "keep.txt").write_text("x")
+    code, output = cli("train", "--out", d, *TINY)
+    assert code == 1 and "--overwrite" in output
+    assert (d / "keep.txt").read_text() == "x"
+
+
+def test_corrupt_adapter_gives_a_clear_error(sentiment_run, tmp_path):
+    import shutil
+
+    out, _ = sentiment_run
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    for command in (["eval", broken, "--quiet"], ["predict", broken, "some text"]):
+        code, output = cli(*command)
+        assert code == 1 and "corrupt" in output and "Traceback" not in output
+    (broken / "result.json").write_text("{ not json")
+    code, output = cli("eval", broken)
+    assert code == 1 and "corrupt" in output
+
+
+def test_list_shows_tasks_and_methods():
+    code, output = cli("list")
+    assert code == 0
+    for name in ("sentiment", "subjectivity", "vit-fashion", "fashion", "lm-sentiment", "svfit", "lora", "pissa",
+                 "ia3", "full"):
+        assert name in output
+
+
+def test_model_option_loads_another_checkpoint_from_a_local_directory(tmp_path):
+    """The hub path (`--model org/name`) goes through the same from_pretrained call; here it reads local files."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from svfit.assets import minilm_dir
+
+    local = tmp_path / "tiny-bert"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertForSequenceClassification(config).save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    out = tmp_path / "run"
+    code, output = cli("train", "--model", local, "--out", out, *TINY)
+    assert code == 0, output
+    result = json.loads((out / "result.json").read_text())
+    assert result["run_info"]["train_config"]["model"] == str(local)
+    assert {r["shape"][0] for r in result["train_info"]["svfit_ranks"]} == {32}
+    assert cli("eval", out, "--quiet")[0] == 0  # reloads onto the same local model
+    code, output = cli("train", "--task", "fashion", "--model", local, "--out", tmp_path / "x", *TINY)
+    assert code == 1 and "--model is not supported" in output
