@@ -401,7 +401,7 @@ def test_dinov2_checkpoint_is_atomic_and_cached(tmp_path, tmp_cache, monkeypatch
     (target / "model.safetensors").write_bytes(b"garbage")
     monkeypatch.setattr(dinov2_mod, "convert_onnx_to_dinov2", real_convert)
     assert dinov2_mod.dinov2_checkpoint() == target
-    assert dinov2_mod._is_valid(target) and (target / "model.safetensors").stat().st_size > 100
+    assert (target / "svfit_conversion.json").is_file() and (target / "model.safetensors").stat().st_size > 100
     assert [p.name for p in tmp_cache.iterdir()] == [dinov2_mod.CACHE_NAME]
 
 

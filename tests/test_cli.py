@@ -17,7 +17,7 @@ TINY = ["--limit", "24", "--epochs", "1", "--batch-size", "8", "--quiet"]
 
 def cli(*args):
     result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output + (result.stderr if result.stderr_bytes is not None else "")
+    return result.exit_code, result.output  # click >= 8.2: stdout and stderr interleaved
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_image_predict_takes_a_file(tmp_path):
         (["train", "--limit", "0"], "--limit must be >= 1"),
         (["train", "--lr", "-1", "--limit", "8"], "--lr must be positive"),
         (["train", "--threshold", "1.5", "--limit", "8"], "threshold must lie in (0, 1]"),
-        (["train", "--targets", "nope", "--limit", "8"], "not found in the base model"),
+        (["train", "--targets", "nope", "--limit", "8"], "check your `target_modules`"),
         (["eval", "/nonexistent/run"], "not an svfit run directory"),
         (["inspect", "not-a-thing"], "neither a run directory"),
     ],
@@ -158,6 +158,12 @@ def test_bad_input_gives_one_clear_line_and_exit_1(args, message, tmp_path):
     lines = [line for line in output.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], output
     assert "Traceback" not in output
+
+
+def test_output_below_a_file_fails_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, output = cli("train", "--out", tmp_path / "file" / "run", *TINY)
+    assert code == 1 and "is a file" in output and "before fine-tuning" not in output
 
 
 def test_unwritable_output_fails_before_training(tmp_path):
@@ -230,3 +236,15 @@ def test_model_option_loads_another_checkpoint_from_a_local_directory(tmp_path):
     assert cli("eval", out, "--quiet")[0] == 0  # reloads onto the same local model
     code, output = cli("train", "--task", "fashion", "--model", local, "--out", tmp_path / "x", *TINY)
     assert code == 1 and "--model is not supported" in output
+
+
+def test_validation_split_comes_from_the_training_data_only():
+    from svfit.tasks import get_task
+    from svfit.train.run import load_split
+
+    task = get_task("sentiment")
+    _, test = task.load_data(0, None, None)
+    train, val = load_split(task, 0, 500, 200, validation=True)
+    assert len(train) == 500 and len(val) == 200
+    texts = lambda xs: {t for t, _ in xs}  # noqa: E731
+    assert not texts(val) & texts(test) and not texts(val) & texts(train)

@@ -377,3 +377,14 @@ def test_conv_and_embedding_layers_refuse_lora_conversion():
     model = get_peft_model(base, config)
     with pytest.raises(TypeError, match="do not support LoRA conversion"):
         convert_to_lora(model, rank=2)
+
+
+def test_adding_an_adapter_while_another_is_merged_is_refused():
+    case = CASES["bert"]
+    base, config = make(case)
+    model = get_peft_model(base, config)
+    perturb(model)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        model.add_adapter("second", svfit.SVFitConfig(target_modules=case.targets))
+    assert "second" not in model.peft_config

@@ -24,8 +24,7 @@ TASK_HELP = "sentiment (default) | subjectivity | vit-fashion | fashion | lm-sen
 METHOD_HELP = "svfit (default) | lora | pissa | ia3 | full"
 
 
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 1."""
+from .errors import SVFitUserError as UserError  # noqa: E402  (printed as one line, exit code 1)
 
 
 def _fail(message: str, code: int = 1):
@@ -50,8 +49,7 @@ def _guard(fn, *args, **kwargs):
     except (ValueError, KeyError, TypeError) as exc:
         if os.environ.get("SVFIT_DEBUG"):
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        _fail(f"{message} (set SVFIT_DEBUG=1 for a traceback)")
+        _fail(f"{exc} (set SVFIT_DEBUG=1 for a traceback)")
 
 
 def _parse_rank(rank: Optional[str]):
@@ -109,6 +107,9 @@ def train(
     information: str = typer.Option("energy", help="svfit: measure the share on sigma^2 (energy) or sigma (nuclear)"),
     parametrization: str = typer.Option("delta", help="svfit: delta (default) | sigma | scale"),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay"),
+    validation: bool = typer.Option(
+        False, "--validation", help="Score on a validation split of the training data, not the test split (tuning)"
+    ),
     save_bases: bool = typer.Option(False, "--save-bases", help="svfit: also save U_r, V_r (bigger file, no SVD at load)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
@@ -146,7 +147,7 @@ def train(
         config = RunConfig(
             task=task, method=method, model=model, out=out or Path("runs") / f"{task}-{method}", seed=seed, epochs=epochs, lr=lr,
             head_lr=head_lr, batch_size=batch_size, train_limit=train_n, eval_limit=eval_n,
-            weight_decay=weight_decay, options=options,
+            weight_decay=weight_decay, validation=validation, options=options,
             overwrite=overwrite or out is None,  # the default location is ours to refresh
             progress=not quiet and sys.stderr.isatty(),
         )

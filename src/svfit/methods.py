@@ -180,5 +180,7 @@ DEFAULT_METHOD = "svfit"
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise KeyError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+        from .errors import UnknownChoiceError
+
+        raise UnknownChoiceError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[name]

