@@ -75,8 +75,12 @@ def hash_tensor(t: torch.Tensor) -> str:
 
 
 def fingerprint(weight: torch.Tensor, top_sigma: torch.Tensor | None = None) -> Fingerprint:
-    """Fingerprint a stored weight. ``top_sigma`` (descending) avoids a second SVD when the caller already has one."""
-    W = weight.detach().reshape(weight.shape[0], -1).double().cpu()
+    """Fingerprint a stored weight. ``top_sigma`` (descending) avoids a second SVD when the caller already has one.
+
+    Computed where the weight lives, in float32 (no float64 copy of a large embedding table); only a few numbers
+    come back to the CPU.
+    """
+    W = weight.detach().reshape(weight.shape[0], -1).float()
     if top_sigma is None:
         top_sigma = torch.linalg.svdvals(W)[:N_TOP_SIGMA]
     return Fingerprint(
@@ -92,9 +96,9 @@ def fingerprint(weight: torch.Tensor, top_sigma: torch.Tensor | None = None) -> 
 def sketch(W: torch.Tensor) -> torch.Tensor:
     """G_out^T W G_in for seeded Gaussian probes: a few numbers that move with every entry of W."""
     g = torch.Generator().manual_seed(SKETCH_SEED)
-    G_out = torch.randn(W.shape[0], SKETCH_PROBES, generator=g, dtype=torch.float64)
-    G_in = torch.randn(W.shape[1], SKETCH_PROBES, generator=g, dtype=torch.float64)
-    return G_out.T @ W.double() @ G_in
+    G_out = torch.randn(W.shape[0], SKETCH_PROBES, generator=g).to(W.device)
+    G_in = torch.randn(W.shape[1], SKETCH_PROBES, generator=g).to(W.device)
+    return (G_out.T @ (W.float() @ G_in)).double().cpu()
 
 
 def compare(recorded: Fingerprint, weight: torch.Tensor) -> tuple[Match, Fingerprint]:
