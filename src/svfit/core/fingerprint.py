@@ -5,10 +5,10 @@ when the adapter is loaded. Loading onto a different base weight would silently 
 records a fingerprint of each base weight it was trained on and refuses to load onto anything else.
 
 A fingerprint holds a hash of the weight's bytes (exact identity), its shape and dtype, a small seeded random
-sketch G_out^T W G_in that survives a change of storage precision, and (for messages) the Frobenius norm and top
-singular values. Same dtype and a different hash means a different weight. Across dtypes (a bf16 copy of the right
-model), the sketches must agree to within the rounding of the lower precision. Norms and top singular values alone
-cannot decide: they concentrate for same-shape random or fine-tuned matrices.
+sketch G_out^T W G_in that survives a change of storage precision, and (for messages) the Frobenius norm. Same dtype
+and a different hash means a different weight. Across dtypes (a bf16 copy of the right model), the sketches must
+agree to within the rounding of the lower precision. Norms or top singular values cannot decide: they concentrate
+for same-shape random or fine-tuned matrices.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 SKETCH_RTOL = 2e-2
 SKETCH_PROBES = 4  # sketch = G_out^T W G_in with 4 x 4 seeded Gaussian probes: 16 numbers
 SKETCH_SEED = 20240909
-N_TOP_SIGMA = 2
+DIGITS = 9  # significant digits kept in adapter_config.json (float32 carries ~7)
 
 Match = Literal["identical", "close", "different"]
 
@@ -36,13 +36,11 @@ class Fingerprint:
     shape: tuple[int, ...]
     dtype: str
     fro: float
-    top_sigma: tuple[float, ...]
     sketch: tuple[float, ...]
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
-        d["top_sigma"] = list(self.top_sigma)
         d["sketch"] = list(self.sketch)
         return d
 
@@ -54,7 +52,6 @@ class Fingerprint:
                 shape=tuple(int(x) for x in d["shape"]),
                 dtype=str(d["dtype"]),
                 fro=float(d["fro"]),
-                top_sigma=tuple(float(x) for x in d["top_sigma"]),
                 sketch=tuple(float(x) for x in d["sketch"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -74,22 +71,16 @@ def hash_tensor(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def fingerprint(weight: torch.Tensor, top_sigma: torch.Tensor | None = None) -> Fingerprint:
-    """Fingerprint a stored weight. ``top_sigma`` (descending) avoids a second SVD when the caller already has one.
-
-    Computed where the weight lives, in float32 (no float64 copy of a large embedding table); only a few numbers
-    come back to the CPU.
-    """
+def fingerprint(weight: torch.Tensor) -> Fingerprint:
+    """Fingerprint a stored weight. Computed where the weight lives, in float32 (no float64 copy of a large
+    embedding table); only a few numbers come back to the CPU."""
     W = weight.detach().reshape(weight.shape[0], -1).float()
-    if top_sigma is None:
-        top_sigma = torch.linalg.svdvals(W)[:N_TOP_SIGMA]
     return Fingerprint(
         hash=hash_tensor(weight),
         shape=tuple(weight.shape),
         dtype=str(weight.dtype).removeprefix("torch."),
-        fro=float(torch.linalg.vector_norm(W)),
-        top_sigma=tuple(float(s) for s in top_sigma[:N_TOP_SIGMA]),
-        sketch=tuple(float(x) for x in sketch(W).flatten()),
+        fro=_round(float(torch.linalg.vector_norm(W))),
+        sketch=tuple(_round(float(x)) for x in sketch(W).flatten()),
     )
 
 
@@ -105,10 +96,10 @@ def compare(recorded: Fingerprint, weight: torch.Tensor) -> tuple[Match, Fingerp
     """How ``weight`` relates to the weight a fingerprint was recorded from."""
     current_hash = hash_tensor(weight)
     if tuple(weight.shape) != recorded.shape:
-        return "different", Fingerprint(current_hash, tuple(weight.shape), str(weight.dtype), math.nan, (), ())
+        return "different", Fingerprint(current_hash, tuple(weight.shape), str(weight.dtype), math.nan, ())
     if current_hash == recorded.hash:
         return "identical", recorded  # the hash covers shape, dtype and bytes: nothing else can differ
-    current = fingerprint(weight, top_sigma=torch.empty(0))
+    current = fingerprint(weight)
     if current.dtype == recorded.dtype:
         return "different", current  # same storage, other bytes: another weight
     a = torch.tensor(current.sketch, dtype=torch.float64)
@@ -117,3 +108,7 @@ def compare(recorded: Fingerprint, weight: torch.Tensor) -> tuple[Match, Fingerp
         torch.linalg.vector_norm(b)
     )
     return ("close" if close else "different"), current
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.{DIGITS}g}")

@@ -179,7 +179,7 @@ class SVFitLayer(BaseTunerLayer):
             if svd.r == 0:
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
             U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
-            fp = fingerprint(base.weight, top_sigma=svd.S)
+            fp = fingerprint(base.weight)
             info = SpectrumInfo(tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp)
 
         self.svfit_U[adapter_name] = U
