@@ -114,7 +114,7 @@ def test_loading_onto_a_model_without_the_module_fails_clearly(tmp_path):
 def test_a_lower_precision_copy_of_the_right_base_loads_with_a_warning(tmp_path):
     case = CASES["llama"]
     trained(case).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="up to precision"):
+    with pytest.warns(UserWarning, match="bfloat16/float32 rounding"):
         PeftModel.from_pretrained(case.build(0).to(torch.bfloat16), tmp_path)
 
 
@@ -176,15 +176,17 @@ def test_the_file_costs_four_bytes_per_singular_value_plus_a_header(tmp_path):
     assert header < 150 * len(tensors)
 
 
-def test_config_reused_on_another_model_rechooses_ranks():
+def test_config_reused_on_another_model_is_refused_before_any_change():
     case = CASES["bert"]
     base0, config = make(case, threshold=0.9)
     get_peft_model(base0, config)
-    recorded = dict(config.resolved_ranks)
-    with pytest.warns(UserWarning, match="choosing r afresh"):
-        get_peft_model(case.build(seed=3), config)
-    assert set(config.resolved_ranks) == set(recorded)
-    # same base again: recorded ranks are reused silently
+    other = case.build(seed=3)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(svfit.BaseWeightMismatchError, match="fresh SVFitConfig"):
+        get_peft_model(other, config)
+    assert not any(isinstance(m, SVFitLayer) for m in other.modules())
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    # the same base again: the recorded ranks are reused silently
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        get_peft_model(case.build(seed=3), config)
+        get_peft_model(case.build(seed=0), config)

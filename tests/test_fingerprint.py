@@ -33,6 +33,18 @@ def test_a_slightly_different_fine_tune_is_different():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("change", [0.01, 0.002])
+def test_a_small_real_change_is_not_mistaken_for_rounding(dtype, change):
+    """A merged adapter or another fine-tune may move a weight by ~1%: still another weight, in any dtype."""
+    w = weight(0)
+    g = torch.Generator().manual_seed(7)
+    other = w + change * w.norm() * torch.randn(w.shape, generator=g) / w.numel() ** 0.5
+    if dtype == torch.bfloat16 and change < 0.005:
+        pytest.skip("below bf16's own rounding: indistinguishable by construction")
+    assert compare(fingerprint(w), other.to(dtype))[0] == "different"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_a_precision_change_of_the_same_weight_is_close(dtype):
     w = weight(0)
     assert compare(fingerprint(w), w.to(dtype))[0] == "close"

@@ -20,9 +20,12 @@ from typing import Literal
 
 import torch
 
-# The sketch of the same weight stored in bf16 (8-bit mantissa) and fp32 differs by ~2^-9 relative; two fine-tunes
-# of one model that differ by a few percent per entry, or independent initialisations, differ by far more.
-SKETCH_RTOL = 2e-2
+# How far the sketch of the same weight may move when stored at the lower of two precisions: about 3x the
+# rounding measured for that precision (bf16 moves it by ~1.8e-3). Anything further is another weight, even one
+# only ~1% away (a merged adapter, another fine-tune).
+SKETCH_RTOL = {"bfloat16": 5e-3, "float16": 1e-3, "float32": 1e-6}
+SKETCH_RTOL_OTHER = 2e-2  # 8-bit float formats and anything else: only a coarse check is possible
+PRECISION_ORDER = ("float64", "float32", "float16", "bfloat16")
 SKETCH_PROBES = 4  # sketch = G_out^T W G_in with 4 x 4 seeded Gaussian probes: 16 numbers
 SKETCH_SEED = 20240909
 DIGITS = 9  # significant digits kept in adapter_config.json (float32 carries ~7)
@@ -104,10 +107,18 @@ def compare(recorded: Fingerprint, weight: torch.Tensor) -> tuple[Match, Fingerp
         return "different", current  # same storage, other bytes: another weight
     a = torch.tensor(current.sketch, dtype=torch.float64)
     b = torch.tensor(recorded.sketch, dtype=torch.float64)
-    close = b.numel() == a.numel() and float(torch.linalg.vector_norm(a - b)) <= SKETCH_RTOL * float(
-        torch.linalg.vector_norm(b)
-    )
+    rtol = sketch_tolerance(current.dtype, recorded.dtype)
+    close = b.numel() == a.numel() and float(torch.linalg.vector_norm(a - b)) <= rtol * float(torch.linalg.vector_norm(b))
     return ("close" if close else "different"), current
+
+
+def sketch_tolerance(dtype_a: str, dtype_b: str) -> float:
+    """Relative sketch tolerance for the same weight stored as ``dtype_a`` and ``dtype_b``."""
+    known = [d for d in (dtype_a, dtype_b) if d in PRECISION_ORDER]
+    if len(known) < 2:
+        return SKETCH_RTOL_OTHER
+    lower = max(known, key=PRECISION_ORDER.index)
+    return SKETCH_RTOL.get(lower, SKETCH_RTOL_OTHER)
 
 
 def _round(x: float) -> float:

@@ -64,7 +64,8 @@ class SVFitConfig(PeftConfig):
         resolved_ranks: the r chosen for every adapted module; reused verbatim on reload, since re-thresholding a
             recomputed spectrum could shift r by one and break the checkpoint's shapes.
         base_fingerprints: a fingerprint of every adapted base weight; loading onto a different weight fails with
-            an error naming the module.
+            an error naming the module. A config object applied once is bound to those weights: use a fresh
+            SVFitConfig for another model.
 
     The remaining fields (``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
     ``modules_to_save``, ``fan_in_fan_out``, ``task_type``) mean what they mean for ``LoraConfig``.
@@ -142,8 +143,6 @@ class SVFitConfig(PeftConfig):
         self.resolved_ranks = {str(k): int(v) for k, v in (self.resolved_ranks or {}).items()}
         self.base_fingerprints = dict(self.base_fingerprints or {})
         self._validate()
-        # Set by from_pretrained: a config read from a checkpoint must be applied to the base weights it records.
-        self._from_checkpoint = False
 
     def _validate(self) -> None:
         check_rank_spec(self.r, "r", allow_none=True, allow_threshold=False)
@@ -191,12 +190,6 @@ class SVFitConfig(PeftConfig):
             if key in self.rank_pattern:
                 return self.rank_pattern[key]
         return float(self.threshold) if self.r is None else self.r
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        config._from_checkpoint = True
-        return config
 
 
 def check_rank_spec(spec, what: str, *, allow_none: bool, allow_threshold: bool) -> None:

@@ -49,8 +49,9 @@ class SVFitModel(BaseTuner):
     ) -> None:
         _check_adapter_name(adapter_name, self.prefix)
         config = self.peft_config[adapter_name]
-        if getattr(config, "_from_checkpoint", False):
-            # before any module is replaced, so a wrong base model is left exactly as it was
+        if config.base_fingerprints:
+            # A config that records base weights (a saved adapter, or a config object already applied once) is bound
+            # to them: check before any module is replaced, so a wrong base model is left exactly as it was.
             verify_base_weights(model, config)
         super().inject_adapter(
             model,
@@ -75,16 +76,6 @@ class SVFitModel(BaseTuner):
         recorded_r = config.resolved_ranks.get(current_key)
         recorded_fp = config.base_fingerprints.get(current_key)
         recorded_fp = Fingerprint.from_json(recorded_fp) if recorded_fp is not None else None
-        if recorded_r is not None and recorded_fp is not None and not getattr(config, "_from_checkpoint", False):
-            # A config object reused for a new adapter: its recorded ranks hold only for the weight they came from.
-            base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-            if compare(recorded_fp, base.weight)[0] == "different":
-                warnings.warn(
-                    f"SVFitConfig carries a rank recorded on another weight for '{current_key}'; choosing r afresh. "
-                    "Pass a new SVFitConfig per base model to avoid this.",
-                    stacklevel=2,
-                )
-                recorded_r, recorded_fp = None, None
         rank_spec = recorded_r if recorded_r is not None else config.rank_spec_for(current_key)
 
         if isinstance(target, SVFitLayer):
@@ -202,6 +193,11 @@ def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
         if key not in recorded:
             continue
         if isinstance(module, BaseTunerLayer):
+            if module.merged:
+                raise ValueError(
+                    f"module '{key}' has merged adapters {module.merged_adapters}: call unmerge_adapter() before "
+                    "adding an SVFit adapter (the SVD must see the pre-trained weight)"
+                )
             module = module.get_base_layer()
         weight = getattr(module, "weight", None)
         if weight is None:
@@ -211,13 +207,14 @@ def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
             raise BaseWeightMismatchError(
                 f"This SVFit adapter was trained on a different base model: module '{key}' does not match "
                 f"(adapter: {recorded[key].describe()}; this model: {current.describe()}). SVFit recomputes the "
-                f"singular vectors from the base weights, so it must be loaded onto the model it was trained on"
-                f"{_base_hint(config)}."
+                f"singular vectors from the base weights, so load it onto the model it was trained on"
+                f"{_base_hint(config)}. (Creating a new adapter? An SVFitConfig records the weights it was first "
+                "applied to: pass a fresh SVFitConfig for another model.)"
             )
         if match == "close":
             warnings.warn(
                 f"Base weight '{key}' is not byte-identical to the one the adapter was trained on, but matches it up "
-                f"to precision ({recorded[key].dtype} -> {current.dtype}); outputs will match only approximately.",
+                f"to {current.dtype}/{recorded[key].dtype} rounding; outputs will match only approximately.",
                 stacklevel=3,
             )
 
