@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from peft import get_peft_model
 from torch import nn
 
@@ -89,10 +90,39 @@ def test_lowrank_svd_through_the_tuner_is_exact_at_init_and_reproducible(tmp_pat
     perturb(model)
     adapted = case.run(model, inputs)
     model.save_pretrained(tmp_path)
+    # a randomized SVD need not come out the same on another device or BLAS: its bases travel with the adapter
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("svfit_U" in k for k in saved) and any("svfit_V" in k for k in saved)
     from peft import PeftModel
 
     loaded = PeftModel.from_pretrained(case.build(0), tmp_path).eval()
     assert torch.equal(case.run(loaded, inputs), adapted)
+    lazy = PeftModel.from_pretrained(case.build(0), tmp_path, low_cpu_mem_usage=True).eval()
+    assert torch.equal(case.run(lazy, inputs), adapted)
+
+
+def test_an_all_zero_weight_keeps_r0_and_its_adapter_round_trips(tmp_path):
+    case = CASES["bert"]
+    inputs = case.make_input()
+    base, config = make(case)
+    with torch.no_grad():
+        base.bert.encoder.layer[0].attention.self.query.weight.zero_()
+    with pytest.warns(UserWarning, match="all zeros"):
+        model = get_peft_model(base, config)
+    key = "bert.encoder.layer.0.attention.self.query"
+    assert model.peft_config["default"].resolved_ranks[key] == 0
+    perturb(model)
+    model.eval()
+    expected = case.run(model, inputs)
+    model.save_pretrained(tmp_path)
+    fresh = case.build(0)
+    with torch.no_grad():
+        fresh.bert.encoder.layer[0].attention.self.query.weight.zero_()
+    from peft import PeftModel
+
+    with pytest.warns(UserWarning, match="all zeros"):
+        loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    assert torch.equal(case.run(loaded, inputs), expected)
 
 
 def test_summary_lists_every_module():

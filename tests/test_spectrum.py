@@ -51,7 +51,8 @@ def test_resolve_rank_specs():
     assert resolve_rank(2, SIGMA) == 2
     assert resolve_rank(10, SIGMA) == 4  # clipped to n
     assert resolve_rank(0.9, SIGMA) == 3
-    for bad in (0, -1, True, "half", None):
+    assert resolve_rank(0, SIGMA) == 0  # what an all-zero weight records; the config refuses r=0 from users
+    for bad in (-1, True, "half", None):
         with pytest.raises((ValueError, TypeError)):
             resolve_rank(bad, SIGMA)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):

@@ -71,8 +71,9 @@ def resolve_rank(spec: RankSpec, S: torch.Tensor, information: Information = "en
     if isinstance(spec, bool):
         raise TypeError(f"rank must be an int, a float threshold in (0, 1] or 'full', got {spec!r}")
     if isinstance(spec, int):
-        if spec < 1:
-            raise ValueError(f"a fixed rank must be >= 1, got {spec}")
+        # 0 is valid here: it is what an all-zero weight records, and a checkpoint must reload it
+        if spec < 0:
+            raise ValueError(f"a fixed rank must be >= 0, got {spec}")
         return min(spec, n)
     if isinstance(spec, float):
         return rank_for_threshold(S, spec, information)

@@ -61,10 +61,11 @@ class SpectrumInfo:
     nuclear_kept: Optional[float]  # share of ||W0||_* (None when the full spectrum was not computed)
     min_gap: float  # see DEGENERATE_GAP
     fingerprint: Fingerprint
+    randomized: bool = False  # bases from a randomized SVD, which another device or BLAS need not reproduce
 
     @property
     def bases_needed(self) -> bool:
-        return self.min_gap < DEGENERATE_GAP
+        return self.randomized or self.min_gap < DEGENERATE_GAP
 
 
 def check_supported_weight(module: nn.Module, name: str = "") -> None:
@@ -155,7 +156,9 @@ class SVFitLayer(BaseTunerLayer):
         on_meta = _under_init_empty_weights()
         bases_dtype = torch.float32 if config.bases_dtype == "float32" else W.dtype
 
-        if on_meta and config.save_bases and isinstance(rank_spec, int) and recorded_fingerprint is not None:
+        randomized = config.svd == "lowrank" and rank_spec != "full"
+        bases_in_checkpoint = config.save_bases or randomized
+        if on_meta and bases_in_checkpoint and isinstance(rank_spec, int) and recorded_fingerprint is not None:
             # low_cpu_mem_usage load of a checkpoint that carries its bases: skip the SVD; the state dict fills
             # these placeholders (zeros, so a missing key shows as "no update" rather than as garbage)
             d_out, d_in = W.shape
@@ -163,7 +166,9 @@ class SVFitLayer(BaseTunerLayer):
             U = torch.zeros(d_out, r, device=W.device, dtype=bases_dtype)
             V = torch.zeros(d_in, r, device=W.device, dtype=bases_dtype)
             S = torch.zeros(r, device=W.device)
-            info = SpectrumInfo((d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint)
+            info = SpectrumInfo(
+                (d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint, randomized
+            )
         else:
             svd = thin_svd(
                 W,
@@ -180,7 +185,9 @@ class SVFitLayer(BaseTunerLayer):
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
             U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
             fp = fingerprint(base.weight)
-            info = SpectrumInfo(tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp)
+            info = SpectrumInfo(
+                tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized
+            )
 
         self.svfit_U[adapter_name] = U
         self.svfit_V[adapter_name] = V
