@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from svfit.methods import MethodOptions
-from svfit.train.results import system_info, write_json
+from svfit.train.results import held_out, system_info, write_json
 from svfit.train.run import RunConfig, train_run
 
 # variant -> (method, options); the SVFit variants are the threshold default, the other reading of "information"
@@ -61,8 +61,8 @@ def main(argv=None) -> None:
             result = train_run(config, echo=lambda s: print("   ", s, file=sys.stderr))
             info, final = result["train_info"], result["train_info"]["metrics"][-1]
             rows.append({
-                "variant": variant, "seed": seed, "accuracy": final["test accuracy"],
-                "accuracy_before": final["accuracy before"], "test_loss": final["test loss"],
+                "variant": variant, "seed": seed, "accuracy": held_out(final)["accuracy"],
+                "accuracy_before": final["accuracy before"], "test_loss": held_out(final)["loss"],
                 "trainable": info["num_trainable_params"], "file_size": info["file_size"],
                 "train_time": info["train_time"], "lr": result["run_info"]["train_config"]["lr"],
                 "cpu_rss_max": info["cpu_rss_max"],

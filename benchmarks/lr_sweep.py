@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from svfit.methods import MethodOptions
-from svfit.train.results import system_info, write_json
+from svfit.train.results import held_out, system_info, write_json
 from svfit.train.run import RunConfig, train_run
 
 
@@ -44,10 +44,10 @@ def main(argv=None) -> None:
                 result = train_run(config, echo=lambda s: print("   ", s, file=sys.stderr))
                 final = result["train_info"]["metrics"][-1]
                 rows.append({"method": method, "lr": lr, "head_lr": result["run_info"]["train_config"]["head_lr"],
-                             "val_accuracy": final["test accuracy"], "val_loss": final["test loss"],
+                             "val_accuracy": held_out(final)["accuracy"], "val_loss": held_out(final)["loss"],
                              "train_time": result["train_info"]["train_time"]})
-                print(f"{method:6s} lr={lr:<8g} val accuracy {final['test accuracy']:.4f}  "
-                      f"loss {final['test loss']:.4f}  ({result['train_info']['train_time']:.0f} s)", flush=True)
+                print(f"{method:6s} lr={lr:<8g} val accuracy {held_out(final)['accuracy']:.4f}  "
+                      f"loss {held_out(final)['loss']:.4f}  ({result['train_info']['train_time']:.0f} s)", flush=True)
     out = args.out / args.task
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "lr_sweep.json", {"task": args.task, "args": vars(args) | {"out": str(args.out)},

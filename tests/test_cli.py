@@ -148,6 +148,9 @@ def test_image_predict_takes_a_file(tmp_path):
         (["train", "--lr", "-1", "--limit", "8"], "--lr must be positive"),
         (["train", "--threshold", "1.5", "--limit", "8"], "threshold must lie in (0, 1]"),
         (["train", "--targets", "nope", "--limit", "8"], "check your `target_modules`"),
+        (["train", "--parametrization", "scale", "--limit", "8"], "pass --lr explicitly"),
+        (["train", "--parametrization", "sigma", "--lr", "1e-2", "--weight-decay", "0.1", "--limit", "8"],
+         "towards zero"),
         (["eval", "/nonexistent/run"], "not an svfit run directory"),
         (["inspect", "not-a-thing"], "neither a run directory"),
     ],
@@ -202,9 +205,23 @@ def test_corrupt_adapter_gives_a_clear_error(sentiment_run, tmp_path):
     for command in (["eval", broken, "--quiet"], ["predict", broken, "some text"]):
         code, output = cli(*command)
         assert code == 1 and "corrupt" in output and "Traceback" not in output
+    shutil.copy(out / "adapter" / "adapter_model.safetensors", broken / "adapter" / "adapter_model.safetensors")
+    (broken / "adapter" / "adapter_config.json").write_text("{ truncated")
+    code, output = cli("eval", broken, "--quiet")
+    assert code == 1 and "corrupt" in output and "Traceback" not in output
     (broken / "result.json").write_text("{ not json")
     code, output = cli("eval", broken)
     assert code == 1 and "corrupt" in output
+
+
+def test_a_validation_run_records_valid_scores_and_re_scores(tmp_path):
+    out = tmp_path / "val"
+    code, output = cli("train", "--out", out, "--validation", *TINY)
+    assert code == 0, output
+    final = json.loads((out / "result.json").read_text())["train_info"]["metrics"][-1]
+    assert "valid accuracy" in final and "test accuracy" not in final
+    code, output = cli("eval", out, "--quiet")
+    assert code == 0 and f"recorded at training: accuracy {final['valid accuracy']:.4f}" in output, output
 
 
 def test_list_shows_tasks_and_methods():

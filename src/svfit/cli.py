@@ -165,13 +165,14 @@ def eval_(
     """Re-score a saved run on its own held-out split and compare with the recorded accuracy."""
 
     def body():
+        from .train.results import held_out
         from .train.run import eval_run
 
         _quiet_libraries()
         metrics, recorded = eval_run(run_dir, progress=not quiet and sys.stderr.isatty())
         typer.echo(
             f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  on {metrics['examples']} examples "
-            f"(recorded at training: accuracy {recorded['test accuracy']:.4f})"
+            f"(recorded at training: accuracy {held_out(recorded)['accuracy']:.4f})"
         )
 
     _guard(body)

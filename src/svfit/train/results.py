@@ -87,6 +87,18 @@ def read_result(run_dir: Path) -> dict:
         raise ValueError(f"{path} is corrupt ({exc.msg} at line {exc.lineno}); re-run `svfit train`") from None
 
 
+def held_out(final: dict) -> dict[str, Any]:
+    """The held-out scores of a result's final metrics entry, whichever split they were measured on: runs made
+    with --validation record "valid accuracy", others "test accuracy" (PEFT's method_comparison keys)."""
+    split = "valid" if "valid accuracy" in final else "test"
+    return {
+        "split": split,
+        "accuracy": final[f"{split} accuracy"],
+        "loss": final[f"{split} loss"],
+        "examples": final.get(f"{split} examples"),
+    }
+
+
 def check_writable(out_dir: Path, overwrite: bool) -> None:
     """Fail before any work if the output cannot be written (rather than after minutes of training)."""
     out_dir = Path(out_dir)

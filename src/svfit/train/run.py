@@ -3,12 +3,14 @@ shared loop, score again, and write ``adapter/`` (or ``model/``) plus ``result.j
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import SVFitUserError
 from ..methods import MethodOptions, get_method
@@ -68,8 +70,26 @@ class RunConfig:
         return d
 
 
+def _check_parametrization_settings(config: RunConfig) -> None:
+    """The tuned defaults assume SVFit's default delta parametrization; the others need the user's own settings."""
+    p = config.options.parametrization
+    if config.method != "svfit" or p == "delta":
+        return
+    if config.lr is None:
+        raise SVFitUserError(
+            f"the default learning rates are tuned for parametrization 'delta'; with '{p}' pass --lr explicitly "
+            "(SVFIT.md's priors: a relative step, e.g. 1e-2, for 'scale')"
+        )
+    if config.weight_decay > 0:
+        raise SVFitUserError(
+            f"--weight-decay with parametrization '{p}' would pull the singular values towards zero rather than "
+            "towards the pre-trained model: use parametrization 'delta' or --weight-decay 0"
+        )
+
+
 def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     started = time.perf_counter()
+    _check_parametrization_settings(config)
     cfg = config.resolved()
     check_writable(cfg.out, cfg.overwrite)
     task, method = get_task(cfg.task, cfg.model), get_method(cfg.method)
@@ -151,10 +171,13 @@ def load_run(run_dir: Path):
     base = task.load_model()
     try:
         model = method.load(base, run_dir)
-    except Exception as exc:  # corrupt or foreign files: say which and what to do
-        if isinstance(exc, (FileNotFoundError, PermissionError)):
-            raise
-        raise ValueError(f"cannot load {weights}: {exc}. The file is corrupt or from another model; re-run `svfit train`") from exc
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # unreadable files; a readable SVFit adapter for another base raises BaseWeightMismatchError, which says so
+        raise ValueError(f"cannot load {weights}: {exc}. The file is corrupt; re-run `svfit train`") from exc
+    except RuntimeError as exc:  # e.g. tensor shapes that fit no layer of this model
+        raise ValueError(
+            f"cannot load {weights}: {exc}. The file is corrupt or from another model; re-run `svfit train`"
+        ) from exc
     return task, model, result
 
 
@@ -171,11 +194,12 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
     peft_config = None
     if hasattr(model, "peft_config"):
         peft_config = model.peft_config["default"].to_dict()
+    split = "valid" if cfg.validation else "test"  # a tuning run must not look like a test score
     final = {
         "step": log.steps,
-        "test accuracy": after["accuracy"],
-        "test loss": after["loss"],
-        "test examples": after["examples"],
+        f"{split} accuracy": after["accuracy"],
+        f"{split} loss": after["loss"],
+        f"{split} examples": after["examples"],
         "accuracy before": before["accuracy"],
         "loss before": before["loss"],
         "train loss": log.final_loss,
