@@ -71,10 +71,21 @@ def write_json(path: Path, data: dict) -> None:
     """Write atomically: a reader never sees half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=_jsonable)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, default=_jsonable)
+            fh.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_result(run_dir: Path) -> dict:
@@ -125,13 +136,20 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; give the run dir the mode mkdir would have
     try:
         yield stage
         if out_dir.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, backup / "old")
-            os.replace(stage, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
+            try:
+                os.replace(stage, out_dir)
+            except BaseException:
+                os.replace(backup / "old", out_dir)  # put the previous run back rather than lose both
+                raise
+            finally:
+                if not (backup / "old").exists() or out_dir.exists():
+                    shutil.rmtree(backup, ignore_errors=True)
         else:
             os.replace(stage, out_dir)
     finally:
