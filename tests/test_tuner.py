@@ -388,3 +388,21 @@ def test_adding_an_adapter_while_another_is_merged_is_refused():
     with pytest.raises(ValueError, match="unmerge_adapter"):
         model.add_adapter("second", svfit.SVFitConfig(target_modules=case.targets))
     assert "second" not in model.peft_config
+
+
+def test_merging_a_tied_weight_is_refused_and_leaves_the_model_unmerged():
+    """Embedding and LM head share one tensor: merging the embedding's update would also change the head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg).eval()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    model = get_peft_model(base, svfit.SVFitConfig(target_modules=["embed_tokens", "q_proj"]))
+    perturb(model)
+    weight = base.model.embed_tokens.weight.detach().clone()
+    with pytest.warns(UserWarning, match="tie_word_embeddings"), pytest.raises(ValueError, match="lm_head.weight"):
+        model.merge_and_unload()
+    assert torch.equal(base.model.embed_tokens.weight, weight)
+    assert not any(m.merged for m in model.modules() if isinstance(m, SVFitLayer))

@@ -137,6 +137,19 @@ class SVFitModel(BaseTuner):
             for handle in handles:
                 handle.remove()
 
+    # -- merging ----------------------------------------------------------------------------------------------
+
+    def _check_merge_allowed(self):
+        super()._check_merge_allowed()
+        tied = _tied_target_weights(self.model)
+        if tied:
+            name, others = next(iter(tied.items()))
+            raise ValueError(
+                f"cannot merge: the weight of '{name}' is shared with {others}, so merging its SVFit update would also "
+                "change those modules (the unmerged model does not). Untie the weights first (e.g. load the model with "
+                "tie_word_embeddings=False and copy the tied weight), or keep the adapter unmerged."
+            )
+
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     @classmethod
@@ -217,6 +230,23 @@ def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
                 f"to {current.dtype}/{recorded[key].dtype} rounding; outputs will match only approximately.",
                 stacklevel=3,
             )
+
+
+def _tied_target_weights(model: nn.Module) -> dict[str, list[str]]:
+    """SVFit-adapted modules whose base weight is the very tensor some other module also uses (tied weights)."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module.named_parameters(recurse=False):
+            users.setdefault(id(param), []).append(f"{name}.{pname}" if name else pname)
+    tied = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SVFitLayer):
+            weight = module.get_base_layer().weight
+            own = f"{name}.base_layer.weight"
+            others = sorted({u for u in users.get(id(weight), []) if u != own and not u.startswith(f"{name}.")})
+            if others:
+                tied[name] = others
+    return tied
 
 
 def _base_hint(config) -> str:
