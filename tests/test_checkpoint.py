@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import svfit
@@ -150,7 +151,7 @@ def test_corrupt_adapter_file_raises(tmp_path):
     case = CASES["bert"]
     trained(case).save_pretrained(tmp_path)
     (tmp_path / ADAPTER_FILE).write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):
+    with pytest.raises(SafetensorError):
         PeftModel.from_pretrained(case.build(0), tmp_path)
 
 
@@ -190,3 +191,40 @@ def test_config_reused_on_another_model_is_refused_before_any_change():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         get_peft_model(case.build(seed=0), config)
+
+
+def test_bf16_model_round_trips_bit_exact(tmp_path):
+    case = CASES["llama"]
+    inputs = case.make_input()
+    base, config = make(case)
+    model = get_peft_model(base.to(torch.bfloat16), config)
+    perturb(model)
+    model.eval()
+    expected = case.run(model, inputs)
+    assert expected.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.build(0).to(torch.bfloat16), tmp_path).eval()
+    assert torch.equal(case.run(loaded, inputs), expected)
+
+
+def test_loading_while_another_adapter_is_merged_is_refused(tmp_path):
+    case = CASES["bert"]
+    trained(case).save_pretrained(tmp_path)
+    model = trained(case, seed=0)
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="unmerge"):
+        model.load_adapter(tmp_path, adapter_name="second")
+    assert "second" not in model.peft_config
+
+
+def test_transformers_load_adapter_checks_the_base_too(tmp_path):
+    case = CASES["llama"]
+    inputs = case.make_input()
+    model = trained(case)
+    expected = case.run(model, inputs)
+    model.save_pretrained(tmp_path)
+    right = case.build(0)
+    right.load_adapter(str(tmp_path))
+    assert torch.equal(case.run(right.eval(), inputs), expected)
+    with pytest.raises(svfit.BaseWeightMismatchError, match="different base model"):
+        case.build(5).load_adapter(str(tmp_path))

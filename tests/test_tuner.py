@@ -175,6 +175,23 @@ def test_delta_weight_lies_in_the_kept_singular_subspaces(case_name):
         assert layer.get_delta_weight("default").shape == layer.get_base_layer().weight.shape
 
 
+@pytest.mark.parametrize("case_name", ["bert", "gpt2", "conv", "embed"])
+def test_bases_are_the_singular_vectors_of_the_weight_in_its_stored_layout(case_name):
+    """Per layer type (Linear, Conv1D's transposed weight, Conv2d's reshaped kernel, Embedding): U_r^T W0 V_r is
+    diag(sigma_r), and the full spectrum rebuilds W0 exactly in the layout the base layer stores it."""
+    case = CASES[case_name]
+    base, config = make(case, r="full")
+    model = get_peft_model(base, config)
+    for name, layer in layers(model):
+        U, V, sigma = layer.svfit_U["default"], layer.svfit_V["default"], layer.svfit_sigma["default"]
+        W = layer._weight_matrix().float()
+        torch.testing.assert_close(U.T @ W @ V, torch.diag(sigma), atol=1e-5, rtol=1e-5)
+        rebuilt = layer._to_weight_layout(U @ torch.diag(sigma) @ V.T)
+        stored = layer.get_base_layer().weight
+        assert rebuilt.shape == stored.shape, name
+        torch.testing.assert_close(rebuilt, stored, atol=1e-5, rtol=1e-5)
+
+
 # -- merging, unloading, disabling --------------------------------------------------------------------------------
 
 
@@ -406,3 +423,11 @@ def test_merging_a_tied_weight_is_refused_and_leaves_the_model_unmerged():
         model.merge_and_unload()
     assert torch.equal(base.model.embed_tokens.weight, weight)
     assert not any(m.merged for m in model.modules() if isinstance(m, SVFitLayer))
+
+
+def test_a_weight_that_is_not_loaded_gets_a_clear_error():
+    case = CASES["bert"]
+    base, config = make(case)
+    base.bert.encoder.layer[0].attention.self.query.to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        get_peft_model(base, config)

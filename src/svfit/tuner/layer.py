@@ -83,6 +83,12 @@ def check_supported_weight(module: nn.Module, name: str = "") -> None:
         reason = f"its weight is a {type(weight).__module__}.{type(weight).__name__}, not a plain tensor"
     elif weight is not None and not weight.is_floating_point():
         reason = f"its weight is stored as {weight.dtype}"
+    if reason is None and weight is not None and weight.device.type == "meta":
+        raise ValueError(
+            f"SVFit cannot adapt {where}: its weight is on the meta device (not loaded yet, or offloaded by a "
+            "device_map). SVFit takes the SVD of the actual weight: load the model with real weights (no "
+            "init_empty_weights, no disk/CPU offload in device_map) before applying SVFit."
+        )
     if reason:
         raise TypeError(
             f"SVFit cannot adapt {where}: {reason}. SVFit needs the full-precision weight for its SVD. Load the base "
