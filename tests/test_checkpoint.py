@@ -177,20 +177,31 @@ def test_the_file_costs_four_bytes_per_singular_value_plus_a_header(tmp_path):
     assert header < 150 * len(tensors)
 
 
-def test_config_reused_on_another_model_is_refused_before_any_change():
+def test_one_config_object_can_adapt_several_models_without_mixing_their_records(tmp_path):
     case = CASES["bert"]
     base0, config = make(case, threshold=0.9)
-    get_peft_model(base0, config)
-    other = case.build(seed=3)
-    before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(svfit.BaseWeightMismatchError, match="fresh SVFitConfig"):
-        get_peft_model(other, config)
-    assert not any(isinstance(m, SVFitLayer) for m in other.modules())
-    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
-    # the same base again: the recorded ranks are reused silently
+    first = get_peft_model(base0, config)
+    records = lambda cfg: json.dumps([cfg.resolved_ranks, cfg.base_fingerprints], sort_keys=True)  # noqa: E731
+    recorded = records(first.peft_config["default"])
+    # reused on the same base: the records hold, nothing to say
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         get_peft_model(case.build(seed=0), config)
+    # reused on another model (normal with a LoraConfig): that model gets its own copy, the first keeps its records
+    with pytest.warns(UserWarning, match="fresh copy"):
+        other = get_peft_model(case.build(seed=3), config)
+    assert other.peft_config["default"] is not first.peft_config["default"]
+    assert records(first.peft_config["default"]) == recorded
+    perturb(first)
+    first.save_pretrained(tmp_path)
+    PeftModel.from_pretrained(case.build(seed=0), tmp_path)  # still loads where it was trained
+    # a config read from a checkpoint is never re-chosen: wrong base -> error, model untouched
+    fresh = case.build(seed=4)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(svfit.BaseWeightMismatchError):
+        get_peft_model(fresh, svfit.SVFitConfig.from_pretrained(tmp_path))
+    assert not any(isinstance(m, SVFitLayer) for m in fresh.modules())
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
 def test_bf16_model_round_trips_bit_exact(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -20,6 +21,9 @@ from .layer import SVFitLayer, dispatch
 from .summary import ModuleSummary, summarize
 
 _BASES_ATTRS = ("svfit_U", "svfit_V", "svfit_sigma")
+
+
+_BOUND_IN_SESSION = "_svfit_bound_in_session"
 
 
 class BaseWeightMismatchError(ValueError):
@@ -50,9 +54,26 @@ class SVFitModel(BaseTuner):
         _check_adapter_name(adapter_name, self.prefix)
         config = self.peft_config[adapter_name]
         if config.base_fingerprints:
-            # A config that records base weights (a saved adapter, or a config object already applied once) is bound
-            # to them: check before any module is replaced, so a wrong base model is left exactly as it was.
-            verify_base_weights(model, config)
+            # A config that records base weights (a saved adapter's) is bound to them: check before any module is
+            # replaced, so that a wrong base model is left exactly as it was.
+            try:
+                verify_base_weights(model, config)
+            except BaseWeightMismatchError:
+                if not getattr(config, _BOUND_IN_SESSION, False):
+                    raise
+                # A config object the user already applied to another model in this process (reusing one config
+                # for several models is normal with a LoraConfig). Its records belong to that model: adapt this one
+                # with a fresh copy, leaving the first model's config intact.
+                warnings.warn(
+                    "this SVFitConfig was already applied to another base model; adapting this one with a fresh copy "
+                    f"(see model.peft_config['{adapter_name}'] for its ranks)",
+                    stacklevel=3,
+                )
+                config = copy.deepcopy(config)
+                config.resolved_ranks, config.base_fingerprints = {}, {}
+                self.peft_config[adapter_name] = config
+        # marks configs whose records were made here, as opposed to read from a checkpoint (never serialized)
+        setattr(config, _BOUND_IN_SESSION, True)
         super().inject_adapter(
             model,
             adapter_name,
