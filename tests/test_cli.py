@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from svfit.cli import app
@@ -265,3 +269,52 @@ def test_validation_split_comes_from_the_training_data_only():
     assert len(train) == 500 and len(val) == 200
     texts = lambda xs: {t for t, _ in xs}  # noqa: E731
     assert not texts(val) & texts(test) and not texts(val) & texts(train)
+
+
+def _tiny_bert_dir(path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from svfit.assets import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_two_process_data_parallel_run_ends_with_identical_singular_values(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): gradients are all-reduced, so both replicas must end with the
+    same trained parameters; each process records a checksum of its own."""
+    local = _tiny_bert_dir(tmp_path / "tiny-bert")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "-m", "svfit", "train", "--model", str(local), "--out", str(out), "--limit", "48", "--epochs", "1",
+         "--batch-size", "8", "--lr", "0.5", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("after fine-tuning") == 1  # only the main process reports and writes
+    info = json.loads((out / "result.json").read_text())["train_info"]
+    dist = info["distributed"]
+    assert dist["num_processes"] == 2 and len(dist["trained_checksums"]) == 2
+    assert dist["trained_checksums"][0] == dist["trained_checksums"][1]
+    assert info["metrics"][-1]["train samples"] == 48  # each process saw half of every batch
+    # training moved the singular values, and the saved adapter re-scores to the recorded accuracy
+    vector = [v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if "svfit_vector" in k]
+    assert vector and any(v.abs().sum() > 0 for v in vector)
+    code, output = cli("eval", out, "--quiet")
+    assert code == 0, output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

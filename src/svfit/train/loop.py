@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -33,6 +34,7 @@ class TrainLog:
     tokens: int = 0
     train_time: float = 0.0
     curve: list[dict] = field(default_factory=list)  # one entry per logging interval
+    distributed: Optional[dict] = None  # data-parallel runs: process count and per-process parameter checksums
 
     @property
     def final_loss(self) -> Optional[float]:
@@ -54,6 +56,14 @@ def param_groups(model: nn.Module, optim: OptimConfig, is_head: Callable[[str], 
     if not groups:
         raise ValueError("nothing to train: no parameter requires grad")
     return groups
+
+
+def make_accelerator() -> Accelerator:
+    """Data-parallel processes split each batch (split_batches): the global batch, step count and schedule stay
+    those of a single-process run, so the same hyper-parameters mean the same optimisation at any scale."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True)
+    )
 
 
 def fit(
@@ -78,7 +88,7 @@ def fit(
     ``epochs`` may be fractional (e.g. 0.5 stops half way through the first epoch). ``on_train_start`` lets a task
     adjust modes after ``model.train()`` (e.g. keep BatchNorm statistics frozen).
     """
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or make_accelerator()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
     total_steps = max(1, math.ceil(epochs * len(loader)))
@@ -92,6 +102,7 @@ def fit(
     model.train()
     if on_train_start is not None:
         on_train_start(model)
+    progress = progress and accelerator.is_main_process
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     while log.steps < total_steps:
@@ -108,7 +119,7 @@ def fit(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            n = _batch_size(batch)
+            n = _batch_size(batch) * accelerator.num_processes  # examples across all processes
             log.steps += 1
             log.examples += n
             log.tokens += count_tokens(batch) if count_tokens else 0

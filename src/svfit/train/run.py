@@ -3,19 +3,22 @@ shared loop, score again, and write ``adapter/`` (or ``model/``) plus ``result.j
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate.utils import gather_object
 from safetensors import SafetensorError
 
 from ..errors import SVFitUserError
 from ..methods import MethodOptions, get_method
 from ..tasks import get_task
-from .loop import OptimConfig, fit
+from .loop import OptimConfig, fit, make_accelerator
 from .results import RESULT_FILE, check_writable, meta_info, now_iso, peak_memory, read_result, staged_directory, write_json
 
 
@@ -87,11 +90,23 @@ def _check_parametrization_settings(config: RunConfig) -> None:
         )
 
 
-def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
+def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optional[dict]:
+    """Train, score and save one run. Under `accelerate launch` / `torchrun` every process trains its shard of each
+    batch; the main process alone scores and writes (the others return None)."""
     started = time.perf_counter()
     _check_parametrization_settings(config)
     cfg = config.resolved()
     check_writable(cfg.out, cfg.overwrite)
+    accelerator = make_accelerator()
+    main = accelerator.is_main_process
+    if cfg.batch_size % accelerator.num_processes:
+        raise SVFitUserError(
+            f"--batch-size {cfg.batch_size} does not split over {accelerator.num_processes} processes: each batch is "
+            "shared out between them, so pass a multiple of the process count"
+        )
+    if not main:
+        echo = _silent
+        cfg.progress = False
     task, method = get_task(cfg.task, cfg.model), get_method(cfg.method)
     for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr), ("head-lr", cfg.head_lr), ("batch-size", cfg.batch_size)):
         if value is not None and value <= 0:
@@ -109,8 +124,10 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # Applied before the first evaluation so that a bad target list fails at once; every method starts from the
     # base model's function (SVFit exactly), so this is the pre-trained model's score.
     model = method.apply(model, task, cfg.options)
-    before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
-    echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
+    before = None
+    if main:  # the other processes wait for it in the first collective of fit()
+        before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
+        echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     n_head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and task.is_head(n))
@@ -132,7 +149,16 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
         progress=cfg.progress,
         count_tokens=task.count_tokens,
         on_train_start=task.on_train_start,
+        accelerator=accelerator,
     )
+    # Data-parallel replicas must end identical; record each process's checksum of the trained parameters.
+    checksums = gather_object([_trained_checksum(model)])
+    if not main:
+        accelerator.wait_for_everyone()
+        return None
+    if len(set(checksums)) > 1:
+        warnings.warn(f"data-parallel processes ended with different trained parameters: {checksums}", stacklevel=2)
+    log.distributed = {"num_processes": accelerator.num_processes, "trained_checksums": checksums}
     eval_start = time.perf_counter()
     after = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
     eval_time = time.perf_counter() - eval_start
@@ -143,7 +169,21 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> dict:
         result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_total, started)
         write_json(stage / RESULT_FILE, result)
     echo(f"saved {cfg.out}/ ({weights.relative_to(stage)}: {result['train_info']['file_size']:,} bytes)")
+    accelerator.wait_for_everyone()
     return result
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _trained_checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_split(task, seed: int, train_limit, eval_limit, validation: bool):
@@ -232,6 +272,7 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
             "status": "success",
             "metrics": [*log.curve, final],
             "svfit_ranks": svfit_summary,
+            "distributed": log.distributed,
         },
         "meta_info": meta_info(cfg.model or task.model_name, task.dataset_name),
     }
