@@ -218,6 +218,20 @@ def test_corrupt_adapter_gives_a_clear_error(sentiment_run, tmp_path):
     assert code == 1 and "corrupt" in output
 
 
+def test_eval_every_records_a_learning_curve_on_unseen_training_examples(tmp_path):
+    out = tmp_path / "curve"
+    code, output = cli("train", "--out", out, "--eval-every", "2", *TINY)
+    assert code == 0, output
+    info = json.loads((out / "result.json").read_text())["train_info"]
+    curve = info["eval curve"]
+    steps = [entry["step"] for entry in curve]
+    assert steps == [0, 2, 3]  # 24 examples / batch 8 = 3 steps: at start, every 2 steps, and at the end
+    assert all(0 <= entry["valid accuracy"] <= 1 for entry in curve)
+    assert curve[0]["valid loss"] != curve[-1]["valid loss"]
+    code, output = cli("train", "--out", tmp_path / "bad", "--eval-every", "0", *TINY)
+    assert code == 1 and "--eval-every" in output
+
+
 def test_a_validation_run_records_valid_scores_and_re_scores(tmp_path):
     out = tmp_path / "val"
     code, output = cli("train", "--out", out, "--validation", *TINY)

@@ -110,6 +110,9 @@ def train(
     validation: bool = typer.Option(
         False, "--validation", help="Score on a validation split of the training data, not the test split (tuning)"
     ),
+    eval_every: Optional[int] = typer.Option(
+        None, "--eval-every", help="Also score 200 held-out training examples every N steps (learning curve in result.json)"
+    ),
     save_bases: bool = typer.Option(False, "--save-bases", help="svfit: also save U_r, V_r (bigger file, no SVD at load)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
@@ -147,7 +150,7 @@ def train(
         config = RunConfig(
             task=task, method=method, model=model, out=out or Path("runs") / f"{task}-{method}", seed=seed, epochs=epochs, lr=lr,
             head_lr=head_lr, batch_size=batch_size, train_limit=train_n, eval_limit=eval_n,
-            weight_decay=weight_decay, validation=validation, options=options,
+            weight_decay=weight_decay, validation=validation, eval_every=eval_every, options=options,
             overwrite=overwrite or out is None,  # the default location is ours to refresh
             progress=not quiet and sys.stderr.isatty(),
         )

@@ -34,6 +34,7 @@ class TrainLog:
     tokens: int = 0
     train_time: float = 0.0
     curve: list[dict] = field(default_factory=list)  # one entry per logging interval
+    eval_curve: list[dict] = field(default_factory=list)  # periodic held-out scores, when requested
     distributed: Optional[dict] = None  # data-parallel runs: process count and per-process parameter checksums
 
     @property
@@ -82,11 +83,15 @@ def fit(
     progress: bool = True,
     count_tokens: Optional[Callable[[dict], int]] = None,
     on_train_start: Optional[Callable[[nn.Module], None]] = None,
+    evaluate: Optional[Callable[[nn.Module], dict]] = None,
+    eval_every: Optional[int] = None,
 ) -> TrainLog:
     """Train ``model`` in place with AdamW, linear warm-up/decay and gradient clipping.
 
     ``epochs`` may be fractional (e.g. 0.5 stops half way through the first epoch). ``on_train_start`` lets a task
-    adjust modes after ``model.train()`` (e.g. keep BatchNorm statistics frozen).
+    adjust modes after ``model.train()`` (e.g. keep BatchNorm statistics frozen). With ``evaluate`` and
+    ``eval_every``, the model is scored every ``eval_every`` steps (and at step 0) into ``log.eval_curve``: the
+    learning curves that show how fast a method adapts.
     """
     accelerator = accelerator or make_accelerator()
     generator = torch.Generator().manual_seed(seed)
@@ -103,6 +108,18 @@ def fit(
     if on_train_start is not None:
         on_train_start(model)
     progress = progress and accelerator.is_main_process
+
+    def score(step: int) -> None:
+        if evaluate is None or not eval_every:
+            return
+        metrics = evaluate(accelerator.unwrap_model(model))
+        log.eval_curve.append({"step": step, "valid accuracy": metrics["accuracy"], "valid loss": metrics["loss"]})
+        model.train()
+        if on_train_start is not None:
+            on_train_start(model)
+
+    score(0)
+    window_start = time.perf_counter()
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     while log.steps < total_steps:
@@ -143,6 +160,12 @@ def fit(
                     entry["train total tokens"] = log.tokens
                 log.curve.append(entry)
                 window_loss, window_n, window_start = 0.0, 0, now
+            if eval_every and (log.steps % eval_every == 0 or log.steps == total_steps):
+                paused = time.perf_counter()
+                score(log.steps)
+                spent = time.perf_counter() - paused
+                start += spent  # scoring is not training time
+                window_start += spent
             if log.steps >= total_steps:
                 break
     bar.close()

@@ -37,6 +37,8 @@ class RunConfig:
     eval_limit: Optional[int] = None
     weight_decay: float = 0.0
     validation: bool = False  # score on a split of the training data (for tuning) instead of the test split
+    eval_every: Optional[int] = None  # also score a validation split every N steps (learning curves)
+    curve_examples: int = 200  # size of that validation split (carved from the training data, never trained on)
     options: MethodOptions = field(default_factory=MethodOptions)
     overwrite: bool = False
     progress: bool = True
@@ -60,6 +62,8 @@ class RunConfig:
             eval_limit=d.eval_limit if self.eval_limit is None else self.eval_limit,
             weight_decay=self.weight_decay,
             validation=self.validation,
+            eval_every=self.eval_every,
+            curve_examples=self.curve_examples,
             options=self.options,
             overwrite=self.overwrite,
             progress=self.progress,
@@ -118,6 +122,16 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     train_set, eval_set = load_split(task, cfg.seed, cfg.train_limit, cfg.eval_limit, cfg.validation)
     if not train_set or not eval_set:
         raise SVFitUserError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
+    curve_set = None
+    if cfg.eval_every is not None:
+        if cfg.eval_every < 1 or cfg.curve_examples < 1:
+            raise SVFitUserError("--eval-every and the curve split size must be >= 1")
+        if cfg.validation:
+            curve_set = eval_set  # a tuning run already holds a validation split out
+        else:
+            # the last examples of the training data, and training on the rest: the same prefix as without curves
+            # whenever --train-limit leaves room for them
+            train_set, curve_set = load_split(task, cfg.seed, cfg.train_limit, cfg.curve_examples, validation=True)
     held_out = "validation (from the training data)" if cfg.validation else "held-out test"
     echo(f"data: {len(train_set)} train / {len(eval_set)} {held_out} examples (seed {cfg.seed})")
 
@@ -150,6 +164,8 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         count_tokens=task.count_tokens,
         on_train_start=task.on_train_start,
         accelerator=accelerator,
+        evaluate=(lambda m: task.evaluate(m, curve_set, task.defaults.eval_batch_size)) if curve_set else None,
+        eval_every=cfg.eval_every,
     )
     # Data-parallel replicas must end identical; record each process's checksum of the trained parameters.
     checksums = gather_object([_trained_checksum(model)])
@@ -272,6 +288,7 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
             "status": "success",
             "metrics": [*log.curve, final],
             "svfit_ranks": svfit_summary,
+            "eval curve": log.eval_curve,
             "distributed": log.distributed,
         },
         "meta_info": meta_info(cfg.model or task.model_name, task.dataset_name),
