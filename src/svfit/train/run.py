@@ -182,7 +182,7 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
 
     with staged_directory(cfg.out) as stage:
         weights = method.save(model, stage)
-        result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_total, started)
+        result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_head, n_total, started)
         write_json(stage / RESULT_FILE, result)
     echo(f"saved {cfg.out}/ ({weights.relative_to(stage)}: {result['train_info']['file_size']:,} bytes)")
     accelerator.wait_for_everyone()
@@ -246,7 +246,7 @@ def eval_run(run_dir: Path, progress: bool = True) -> tuple[dict, dict]:
     return metrics, result["train_info"]["metrics"][-1]
 
 
-def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_total, started) -> dict:
+def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_head, n_total, started) -> dict:
     peft_config = None
     if hasattr(model, "peft_config"):
         peft_config = model.peft_config["default"].to_dict()
@@ -284,6 +284,7 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
             "train_time": log.train_time,
             "file_size": weights.stat().st_size,
             "num_trainable_params": n_trainable,
+            "num_head_params": n_head,  # new task heads; the rest of the trainable count is the adapter
             "num_total_params": n_total,
             "status": "success",
             "metrics": [*log.curve, final],
