@@ -34,7 +34,7 @@ class LMSentiment(Task):
         batch_size=8,
         train_limit=400,
         eval_limit=200,
-        # from benchmarks/lr_sweep.py on a validation split (200 examples, 1 epoch): svfit 1e-1 > 2e-2,
+        # from a validation-split sweep (the earlier lr_sweep.py; now benchmarks/quality.py tuning) (200 examples, 1 epoch): svfit 1e-1 > 2e-2,
         # lora 2e-3 > 5e-4
         lr={"svfit": 1e-1, "lora": 2e-3, "pissa": 2e-3, "ia3": 5e-2, "full": 2e-5},
         eval_batch_size=16,

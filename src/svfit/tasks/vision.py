@@ -75,7 +75,7 @@ class ViTFashion(FashionMNISTTask):
         batch_size=32,
         train_limit=2000,
         eval_limit=1000,
-        # from benchmarks/lr_sweep.py on a validation split (1,000 examples, 1 epoch): svfit 5e-2 > 2e-1,
+        # from a validation-split sweep (the earlier lr_sweep.py; now benchmarks/quality.py tuning) (1,000 examples, 1 epoch): svfit 5e-2 > 2e-1,
         # lora 5e-3 > 1e-3
         lr={"svfit": 5e-2, "lora": 5e-3, "pissa": 5e-3, "ia3": 5e-2, "full": 2e-5},
         head_lr=2e-2,
@@ -110,7 +110,7 @@ class EfficientNetFashion(FashionMNISTTask):
         batch_size=32,
         train_limit=2000,
         eval_limit=1000,
-        # from benchmarks/lr_sweep.py on a validation split (1,000 examples, 1 epoch): svfit 5e-2 > 2e-1,
+        # from a validation-split sweep (the earlier lr_sweep.py; now benchmarks/quality.py tuning) (1,000 examples, 1 epoch): svfit 5e-2 > 2e-1,
         # lora 2e-3 > 1e-2
         lr={"svfit": 5e-2, "lora": 2e-3, "pissa": 2e-3, "ia3": 5e-2, "full": 2e-4},
         head_lr=2e-2,
