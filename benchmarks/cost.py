@@ -74,7 +74,16 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
-def cases(quick: bool) -> list[Case]:
+def cases(quick: bool, threads: int | None = None) -> list[Case]:
+    """The cases of a run; ``threads`` overrides the torch threads of every worker (default: quick 1, full all)."""
+    chosen = _cases(quick)
+    if threads:
+        for c in chosen:
+            c.threads = threads
+    return chosen
+
+
+def _cases(quick: bool) -> list[Case]:
     if quick:
         return [
             Case("tiny-bert-qv", "tiny BERT (random init, hidden 64)", "tiny-bert", 8, 32, ["query", "value"],
@@ -214,13 +223,14 @@ def measure_case(case: Case) -> dict:
     return {"methods": results, "ratios_vs_lora_r8": ratios}
 
 
-def run(out: Path, quick: bool) -> None:
+def run(out: Path, quick: bool, threads: int | None = None) -> None:
     from svfit.train.results import meta_info, now_iso, write_json
 
     target = Path(out) / NAME
     target.mkdir(parents=True, exist_ok=True)
-    for case in cases(quick):
+    for case in cases(quick, threads):
         t0 = time.perf_counter()
+        load0 = os.getloadavg()
         run_info = {
             "benchmark": NAME,
             "case": case.id,
@@ -247,6 +257,8 @@ def run(out: Path, quick: bool) -> None:
         else:
             train_info = measure_case(case)
         run_info["total_time"] = time.perf_counter() - t0
+        run_info["load_average_before"] = load0  # 1/5/15-minute load: other work on the machine skews timings
+        run_info["load_average_after"] = os.getloadavg()
         data = {"run_info": run_info, "train_info": train_info,
                 "meta_info": meta_info(case.model_name, "synthetic batch of random token ids")}
         write_json(target / f"{case.id}.json", data)
@@ -438,6 +450,7 @@ class _Measure:
 
         floor = None
         ranks = None
+        saving_bases = None
         if self.spec["kind"] == "svfit":
             weights = [m.get_base_layer().weight for m in self.model.modules() if isinstance(m, SVFitLayer)]
             floor = 0.0
@@ -448,6 +461,8 @@ class _Measure:
                 self._sync()
                 floor += time.perf_counter() - t
             ranks = [s.r for s in self.model.svfit_summary()]
+            saving_bases = sum(info.bases_needed for m in self.model.modules() if isinstance(m, SVFitLayer)
+                               for info in m.svfit_info.values())
         params = [p for p in self.model.parameters() if p.requires_grad]
         adapter_tensor_bytes = sum(
             t.numel() * t.element_size()
@@ -466,6 +481,7 @@ class _Measure:
             "svd_floor_s": floor,
             "svd_matrices": len(ranks) if ranks is not None else None,
             "ranks": ranks,
+            "modules_saving_bases": saving_bases,
             "trainable_params": sum(p.numel() for p in params),
             "adapter_tensor_bytes": adapter_tensor_bytes,
             "memory_after_base_load_bytes": self.mem_base,
@@ -729,8 +745,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: quick 1, full all cores)")
     args = parser.parse_args()
-    run(args.out, args.quick)
+    run(args.out, args.quick, args.threads)
     print(section(args.out, args.out / "plots"))
 
 

@@ -220,7 +220,7 @@ def _step_times(n: int, models: dict, s: dict) -> dict:
     }
 
 
-def run(out: Path, quick: bool) -> None:
+def run(out: Path, quick: bool, threads: int | None = None) -> None:
     import os
 
     from svfit.train.results import meta_info, now_iso, write_json
@@ -228,6 +228,8 @@ def run(out: Path, quick: bool) -> None:
     target = Path(out) / NAME
     target.mkdir(parents=True, exist_ok=True)
     s = settings(quick)
+    if threads:
+        s["threads"] = threads
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     rows = []
@@ -377,8 +379,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, help="torch threads (default: quick 1, full all cores)")
     args = parser.parse_args()
-    run(args.out, args.quick)
+    run(args.out, args.quick, args.threads)
     print(section(args.out, args.out / "plots"))
 
 
