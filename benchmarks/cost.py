@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -74,12 +75,13 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
-def cases(quick: bool, threads: int | None = None) -> list[Case]:
-    """The cases of a run; ``threads`` overrides the torch threads of every worker (default: quick 1, full all)."""
+def cases(quick: bool, threads: int | None = None, steps: int | None = None) -> list[Case]:
+    """The cases of a run; ``threads`` overrides the torch threads of every worker (default: quick 1, full all),
+    ``steps`` the number of timed steps."""
     chosen = _cases(quick)
-    if threads:
-        for c in chosen:
-            c.threads = threads
+    for c in chosen:
+        c.threads = threads or c.threads
+        c.steps = steps or c.steps
     return chosen
 
 
@@ -96,8 +98,8 @@ def _cases(quick: bool) -> list[Case]:
     minilm = "MiniLM-L6 (all-MiniLM-L6-v2, pre-trained BERT)"
     smol = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)"
     return [
-        Case("minilm-qv", minilm, "minilm", 32, 128, ["query", "value"], "query, value", 15, 2, 5),
-        Case("minilm-all", minilm, "minilm", 32, 128, "all-linear", "all-linear", 15, 2, 5),
+        Case("minilm-qv", minilm, "minilm", 32, 128, ["query", "value"], "query, value", 10, 2, 3),
+        Case("minilm-all", minilm, "minilm", 32, 128, "all-linear", "all-linear", 10, 2, 3),
         Case("smollm2-qv", smol, "smollm2", 4, 256, ["q_proj", "v_proj"], "q_proj, v_proj", 3, 1, 1, [smol_note]),
         Case("smollm2-all", smol, "smollm2", 4, 256, "all-linear", "all-linear", 3, 1, 1, [smol_note]),
     ]
@@ -182,15 +184,24 @@ def _ratio(a, b) -> float | None:
     return a / b
 
 
-def measure_case(case: Case) -> dict:
+def measure_case(case: Case, log) -> dict:
     """All methods of one case; returns the train_info dict."""
     import statistics
+
+    t_start = time.perf_counter()
+
+    def say(msg):
+        log(f"[{NAME} {case.id} {time.perf_counter() - t_start:6.1f}s] {msg}")
 
     workers = {m: _Worker(case, m) for m in METHODS}
     try:
         for w in workers.values():  # nothing is timed until every worker is up and idle
             w.read()
-        results = {m: w.call("setup") for m, w in workers.items()}  # one at a time: cold init is timed here
+        say("workers up")
+        results = {}
+        for m, w in workers.items():  # one at a time: cold init is timed here
+            results[m] = w.call("setup")
+            say(f"{m}: init {results[m]['init_s']:.2f} s")
         times: dict[str, list[float]] = {m: [] for m in workers}
         order = list(workers)
         for i in range(case.warmup + case.steps):
@@ -201,8 +212,11 @@ def measure_case(case: Case) -> dict:
                     results[m].update(reply["saved"])
                 if i >= case.warmup:
                     times[m].append(reply["step_s"])
+            say(f"round {i + 1}/{case.warmup + case.steps}: " + ", ".join(
+                f"{m} {t[-1]:.3f} s" for m, t in times.items() if t))
         for m, w in workers.items():
             results[m].update(w.call("finish"))
+            say(f"{m}: finished (load {results[m]['load_s']:.2f} s)")
     finally:
         for w in workers.values():
             w.close()
@@ -223,12 +237,15 @@ def measure_case(case: Case) -> dict:
     return {"methods": results, "ratios_vs_lora_r8": ratios}
 
 
-def run(out: Path, quick: bool, threads: int | None = None) -> None:
+def run(out: Path, quick: bool, threads: int | None = None, only: list[str] | None = None,
+        steps: int | None = None, log=None) -> None:
     from svfit.train.results import meta_info, now_iso, write_json
 
     target = Path(out) / NAME
     target.mkdir(parents=True, exist_ok=True)
-    for case in cases(quick, threads):
+    for case in cases(quick, threads, steps):
+        if only and case.id not in only:
+            continue
         t0 = time.perf_counter()
         load0 = os.getloadavg()
         run_info = {
@@ -255,7 +272,7 @@ def run(out: Path, quick: bool, threads: int | None = None) -> None:
         if problem:
             train_info: dict = {"skipped": problem}
         else:
-            train_info = measure_case(case)
+            train_info = measure_case(case, log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
         run_info["total_time"] = time.perf_counter() - t0
         run_info["load_average_before"] = load0  # 1/5/15-minute load: other work on the machine skews timings
         run_info["load_average_after"] = os.getloadavg()
@@ -475,6 +492,7 @@ class _Measure:
         self.step_i = 0
         return {
             "device": str(self.device),
+            "torch_threads": torch.get_num_threads(),
             "init_s": init_s,
             "init_peak_memory_growth_bytes": init_peak,
             "peak_reset_before_init": hwm_reset_init,
@@ -662,11 +680,25 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         return "\n".join(lines) + "\n"
     sysinfo = done[0]["meta_info"]["system_info"]
     lines.append(
-        f"Machine: {sysinfo.get('processor')}, {sysinfo.get('cpu_count')} CPU cores, torch threads "
-        f"{sysinfo.get('torch_threads')}, accelerator: {sysinfo.get('accelerator')}."
+        f"Machine: {sysinfo.get('processor')}, {sysinfo.get('cpu_count')} CPU cores, accelerator: "
+        f"{sysinfo.get('accelerator')}. The load average is the machine's 1-minute load before and after each case: "
+        "above the torch thread count, other work was competing for the cores."
         + (" **Quick run (tiny random models): for checking the code, not for quoting.**"
            if any(r["run_info"].get("quick") for r in done) else "")
     )
+    lines.append("")
+    lines.append("| case | model | targets | batch | timed steps (+ warm-up) | torch threads | load average |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in done:
+        ri = r["run_info"]
+        threads = sorted({v.get("torch_threads") for v in r["train_info"]["methods"].values()} - {None}) or [
+            ri.get("torch_threads_in_workers", "–")]
+        load = ri.get("load_average_before"), ri.get("load_average_after")
+        load_txt = f"{load[0][0]:.1f} → {load[1][0]:.1f}" if all(load) else "–"
+        targets = ri["targets"] if isinstance(ri["targets"], str) else ", ".join(ri["targets"])
+        lines.append(f"| {ri['case']} | {ri['model']} | {targets} | {ri['batch']['batch_size']}×"
+                     f"{ri['batch']['seq_len']} | {ri['steps_timed']} (+{ri['warmup_steps']}) | "
+                     f"{', '.join(map(str, threads)) or '–'} | {load_txt} |")
     lines.append("")
     # ratio table
     lines.append("| case | batch | method | " + " | ".join(v[0] for v in RATIO_KEYS.values()) + " | init / SVD floor |")
@@ -746,8 +778,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: quick 1, full all cores)")
+    parser.add_argument("--case", action="append", help="run only this case (repeatable), e.g. minilm-qv")
+    parser.add_argument("--steps", type=int, help="timed steps per method (default: per case)")
     args = parser.parse_args()
-    run(args.out, args.quick, args.threads)
+    run(args.out, args.quick, args.threads, args.case, args.steps, log=lambda msg: print(msg, flush=True))
     print(section(args.out, args.out / "plots"))
 
 

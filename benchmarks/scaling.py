@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -220,7 +221,7 @@ def _step_times(n: int, models: dict, s: dict) -> dict:
     }
 
 
-def run(out: Path, quick: bool, threads: int | None = None) -> None:
+def run(out: Path, quick: bool, threads: int | None = None, widths: list[int] | None = None) -> None:
     import os
 
     from svfit.train.results import meta_info, now_iso, write_json
@@ -230,6 +231,9 @@ def run(out: Path, quick: bool, threads: int | None = None) -> None:
     s = settings(quick)
     if threads:
         s["threads"] = threads
+    if widths:
+        s["widths"] = widths
+        s["steps"] = {n: s["steps"].get(n, 3) for n in widths}
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     rows = []
@@ -238,14 +242,17 @@ def run(out: Path, quick: bool, threads: int | None = None) -> None:
 
         threads = torch.get_num_threads()
         for n in s["widths"]:
+            t = time.perf_counter()
             rows.append(measure_width(n, s))
+            print(f"[{NAME}] width {n}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     run_info = {
         "benchmark": NAME,
         "layer": "one square nn.Linear(n, n, bias=False), adapter on it",
         "matrices": {
             "random": "i.i.d. N(0, 1/n) entries: flat spectrum, 99% of the energy needs most singular values",
             "lowrank+noise": f"rank n/{RANK_DIVISOR}, singular values 1 -> 0.2 (linear), plus Gaussian noise "
-                             f"holding {NOISE_SHARE:.1%} of the energy: the 0.99 threshold selects r <= n/{RANK_DIVISOR}",
+                             f"holding {NOISE_SHARE:.1%} of the energy: the 0.99 threshold selects "
+                             f"r <= n/{RANK_DIVISOR}",
         },
         "widths": s["widths"],
         "tokens_per_step": s["tokens"],
@@ -292,7 +299,9 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         f"wall time; step = forward + backward (input gradient included) + AdamW on {ri['tokens_per_step']} tokens, "
         f"the models taking turns. Matrices: **random** = {ri['matrices']['random']}; **low-rank + noise** = "
         f"{ri['matrices']['lowrank+noise']}. Machine: {sysinfo.get('processor')}, {sysinfo.get('cpu_count')} CPU "
-        f"cores, torch threads {ri.get('torch_threads')}, accelerator: {sysinfo.get('accelerator')}."
+        f"cores, torch threads {ri.get('torch_threads')}, accelerator: {sysinfo.get('accelerator')}; 1-minute load "
+        f"average {ri['load_average_before'][0]:.1f} before, {ri['load_average_after'][0]:.1f} after (above the "
+        "thread count, other work was competing for the cores)."
         + (" **Quick run: for checking the code, not for quoting.**" if ri.get("quick") else "")
     )
     lines.append("")
@@ -302,10 +311,11 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rnd, lrn = r["random"], r["lowrank+noise"]
+        low = lrn["lowrank"]
         lines.append(
             f"| {r['width']} | {rnd['r_threshold']} | {lrn['r_threshold']} | {_fmt_s(rnd['svd_s'])} | "
             f"{_fmt_s(rnd['init_threshold_s'])} | {_fmt_s(rnd['init_full_s'])} | {_fmt_s(lrn['init_threshold_s'])} | "
-            f"{_fmt_s(lrn['lowrank']['init_s'])} (r={lrn['lowrank']['r']}, {lrn['lowrank']['top_r_max_rel_error']:.1e}) | "
+            f"{_fmt_s(low['init_s'])} (r={low['r']}, {low['top_r_max_rel_error']:.1e}) | "
             f"{_fmt_s(rnd['lowrank']['init_s'])} ({rnd['lowrank']['top_r_max_rel_error']:.1e}) | "
             f"{_fmt_s(r['lora_init_s'])} |"
         )
@@ -380,8 +390,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, help="torch threads (default: quick 1, full all cores)")
+    parser.add_argument("--widths", type=int, nargs="+", help="override the widths (by-hand partial runs)")
     args = parser.parse_args()
-    run(args.out, args.quick, args.threads)
+    run(args.out, args.quick, args.threads, args.widths)
     print(section(args.out, args.out / "plots"))
 
 

@@ -50,7 +50,8 @@ def test_cost_quick(tmp_path):
         for m, v in methods.items():
             assert len(v["step_times_s"]) == data["run_info"]["steps_timed"]
             assert _positive(v["step_time_median_s"]) and v["step_time_iqr_s"] >= 0
-            assert _positive(v["saved_activation_bytes"]) and v["saved_for_backward_bytes"] >= v["saved_activation_bytes"]
+            assert _positive(v["saved_activation_bytes"])
+            assert v["saved_for_backward_bytes"] >= v["saved_activation_bytes"]
             assert _positive(v["init_s"]) and _positive(v["load_s"])
             assert _positive(v["adapter_file_bytes"]) and _positive(v["trainable_params"])
             assert v["peak_train_memory_growth_bytes"] >= 0 and v["peak_reset_before_training"] in (True, False)
