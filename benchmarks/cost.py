@@ -42,6 +42,7 @@ from typing import Any
 
 NAME = "cost"
 REFERENCE = "lora-r8"
+CALL_TIMEOUT_S = 1200  # one command of a worker (a setup, a step, the finish); a hung worker must not hang the run
 METHODS: dict[str, dict[str, Any]] = {
     "svfit": {"kind": "svfit", "label": "SVFit (99% energy, default)"},
     "svfit-full": {"kind": "svfit", "r": "full", "label": "SVFit full spectrum"},
@@ -129,6 +130,9 @@ class _Worker:
         child.close()
 
     def read(self) -> dict:
+        if not self.conn.poll(CALL_TIMEOUT_S):
+            self.proc.kill()
+            raise RuntimeError(f"{NAME} worker '{self.method}' gave no answer in {CALL_TIMEOUT_S} s; killed it")
         try:
             reply = self.conn.recv()
         except EOFError:

@@ -119,3 +119,10 @@ def test_params_quick(tmp_path):
     text = params.section(tmp_path, tmp_path / "plots")
     _check_section(text, tmp_path, ["params_counts.png"])
     assert "| RoBERTa-base | query, value | 24 × 768x768 | 18,432 | 294,912 | 16.0× |" in text
+
+
+def test_cost_worker_failure_is_reported_not_hung():
+    case = cost.cases(quick=True)[0]
+    case.loader = "no-such-model"
+    with pytest.raises(RuntimeError, match="no-such-model"):
+        cost.measure_case(case, log=lambda msg: None)
