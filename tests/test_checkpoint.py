@@ -188,13 +188,26 @@ def test_one_config_object_can_adapt_several_models_without_mixing_their_records
         warnings.simplefilter("error", UserWarning)
         get_peft_model(case.build(seed=0), config)
     # reused on another model (normal with a LoraConfig): that model gets its own copy, the first keeps its records
-    with pytest.warns(UserWarning, match="fresh copy"):
+    with pytest.warns(UserWarning, match="chooses its ranks afresh"):
         other = get_peft_model(case.build(seed=3), config)
     assert other.peft_config["default"] is not first.peft_config["default"]
     assert records(first.peft_config["default"]) == recorded
     perturb(first)
     first.save_pretrained(tmp_path)
     PeftModel.from_pretrained(case.build(seed=0), tmp_path)  # still loads where it was trained
+    # ... but trained weights never load into such a re-chosen copy
+    with pytest.raises(svfit.BaseWeightMismatchError, match="chosen afresh"):
+        PeftModel.from_pretrained(case.build(seed=5), tmp_path, config=first.peft_config["default"])
+    # another dtype of the same weights, or more target modules: the first model's records stay its own
+    with pytest.warns(UserWarning, match="rounding"):
+        get_peft_model(case.build(seed=0).to(torch.bfloat16), config)
+    wider = svfit.SVFitConfig(target_modules=["query", "value"], threshold=0.9)
+    get_peft_model(case.build(seed=0), wider)
+    narrow_records = records(wider)
+    wider.target_modules = {"query", "value", "key"}
+    get_peft_model(case.build(seed=0), wider)
+    assert records(wider) == narrow_records
+    assert records(first.peft_config["default"]) == recorded
     # a config read from a checkpoint is never re-chosen: wrong base -> error, model untouched
     fresh = case.build(seed=4)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}

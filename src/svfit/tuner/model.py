@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import weakref
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -23,7 +24,9 @@ from .summary import ModuleSummary, summarize
 _BASES_ATTRS = ("svfit_U", "svfit_V", "svfit_sigma")
 
 
-_BOUND_IN_SESSION = "_svfit_bound_in_session"
+_BOUND_TO = "_svfit_bound_to"  # weakref to the model whose weights the config's records describe
+_BOUND_NAME = "_svfit_bound_name"  # that model's base_model_name_or_path
+_RECHOSEN = "_svfit_ranks_rechosen"  # a reused config's copy that re-chose its ranks on a different base
 
 
 class BaseWeightMismatchError(ValueError):
@@ -53,27 +56,32 @@ class SVFitModel(BaseTuner):
     ) -> None:
         _check_adapter_name(adapter_name, self.prefix)
         config = self.peft_config[adapter_name]
+        bound = getattr(config, _BOUND_TO, None)
+        reused = bound is not None and bound() is not model  # (a dead reference counts: applied before, here)
+        if reused:
+            # One config object applied to several models (normal with a LoraConfig): this model records its ranks
+            # and fingerprints on a copy, so that the first model's records (and its saved adapters) stay intact.
+            # get_peft_model has already written this model's name into the shared object: give it back.
+            original = config
+            config = copy.deepcopy(original)
+            config.__dict__.pop(_RECHOSEN, None)
+            original.base_model_name_or_path = getattr(original, _BOUND_NAME, original.base_model_name_or_path)
+            self.peft_config[adapter_name] = config
         if config.base_fingerprints:
-            # A config that records base weights (a saved adapter's) is bound to them: check before any module is
-            # replaced, so that a wrong base model is left exactly as it was.
+            # A config that records base weights is bound to them: check before any module is replaced, so that a
+            # wrong base model is left exactly as it was.
             try:
                 verify_base_weights(model, config)
             except BaseWeightMismatchError:
-                if not getattr(config, _BOUND_IN_SESSION, False):
+                if not reused:
                     raise
-                # A config object the user already applied to another model in this process (reusing one config
-                # for several models is normal with a LoraConfig). Its records belong to that model: adapt this one
-                # with a fresh copy, leaving the first model's config intact.
                 warnings.warn(
-                    "this SVFitConfig was already applied to another base model; adapting this one with a fresh copy "
-                    f"(see model.peft_config['{adapter_name}'] for its ranks)",
+                    "this SVFitConfig was already applied to another base model; adapting this one with a copy that "
+                    f"chooses its ranks afresh (see model.peft_config['{adapter_name}'])",
                     stacklevel=3,
                 )
-                config = copy.deepcopy(config)
                 config.resolved_ranks, config.base_fingerprints = {}, {}
-                self.peft_config[adapter_name] = config
-        # marks configs whose records were made here, as opposed to read from a checkpoint (never serialized)
-        setattr(config, _BOUND_IN_SESSION, True)
+                setattr(config, _RECHOSEN, True)  # loading trained weights into it is refused (they belong elsewhere)
         super().inject_adapter(
             model,
             adapter_name,
@@ -81,6 +89,13 @@ class SVFitModel(BaseTuner):
             low_cpu_mem_usage=low_cpu_mem_usage,
             state_dict=state_dict,
         )
+        if reused and not getattr(config, _RECHOSEN, False) and _same_records(config, original):
+            # nothing this model recorded differs from the first one's: keep sharing the user's object (PEFT
+            # expects peft_config[name] to be the very config passed in)
+            self.peft_config[adapter_name] = config = original
+        # in-process only (never serialized): which model this config's records describe
+        setattr(config, _BOUND_TO, weakref.ref(model))
+        setattr(config, _BOUND_NAME, config.base_model_name_or_path)
 
     def _create_and_replace(
         self,
@@ -191,6 +206,13 @@ class SVFitModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        if getattr(config, _RECHOSEN, False):
+            raise BaseWeightMismatchError(
+                f"refusing to load weights into adapter '{adapter_name}': its config was recorded on another base "
+                "model and this model's weights differ, so its ranks were chosen afresh and the saved singular values "
+                "would not fit. Load the adapter with its own saved config (omit config=) onto the model it was "
+                "trained on."
+            )
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         # Bases absent from the checkpoint were recomputed at injection: present them as loaded, so that PEFT does
         # not report them as missing keys.
@@ -210,6 +232,10 @@ class SVFitModel(BaseTuner):
         """Per adapted module: shape, full spectrum length n, chosen r, share of the spectrum kept."""
         name = adapter_name or self.active_adapters[0]
         return summarize(self.model, name)
+
+
+def _same_records(a: SVFitConfig, b: SVFitConfig) -> bool:
+    return a.resolved_ranks == b.resolved_ranks and a.base_fingerprints == b.base_fingerprints
 
 
 def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
