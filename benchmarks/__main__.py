@@ -32,7 +32,9 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Tiny slices and models: checks the pipeline in about a minute"),
     only: Optional[list[str]] = typer.Option(None, "--only", help=f"Run some parts only: {', '.join(PARTS)}"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="quality: these tasks only"),
-    results: Path = typer.Option(RESULTS, help="Where the JSON results go"),
+    results: Optional[Path] = typer.Option(
+        None, help="Where the JSON results go [default: benchmarks/results, or benchmarks/results-quick with --quick]"
+    ),
     report_to: Optional[Path] = typer.Option(None, "--report", help="Markdown report to write afterwards"),
 ):
     """Run the benchmarks (skipping quality experiments whose JSON already exists), then write the report."""
@@ -40,6 +42,8 @@ def run(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    if results is None:  # quick results must never mix into the real ones
+        results = HERE / "results-quick" if quick else RESULTS
     results.mkdir(parents=True, exist_ok=True)
     timings = {}
     for part in parts:
@@ -47,7 +51,10 @@ def run(
         typer.echo(f"== {part}")
         module = _module(part)
         if part == "quality":
-            module.run(results, quick, tasks=tasks, log=typer.echo)
+            try:
+                module.run(results, quick, tasks=tasks, log=typer.echo)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc)) from None
         else:
             module.run(results, quick)
         timings[part] = time.perf_counter() - t0

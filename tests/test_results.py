@@ -15,16 +15,14 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_atomic_outputs_get_the_modes_umask_gives_ordinary_files(tmp_path):
-    old = os.umask(0o022)
-    try:
-        write_json(tmp_path / "r.json", {"a": 1})
-        with staged_directory(tmp_path / "run") as stage:
-            (stage / "x").write_text("x")
-    finally:
-        os.umask(old)
-    assert mode(tmp_path / "r.json") == 0o644
-    assert mode(tmp_path / "run") == 0o755
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_outputs_get_the_modes_umask_gives_ordinary_files(tmp_path, monkeypatch, umask, file_mode, dir_mode):
+    monkeypatch.setattr(results, "_UMASK", umask)  # the process umask, read once at import
+    write_json(tmp_path / "r.json", {"a": 1})
+    with staged_directory(tmp_path / "run") as stage:
+        (stage / "x").write_text("x")
+    assert mode(tmp_path / "r.json") == file_mode
+    assert mode(tmp_path / "run") == dir_mode
     assert (tmp_path / "run" / "x").read_text() == "x"
 
 

@@ -75,6 +75,8 @@ def write_json(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=_jsonable)
             fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must not land before the data
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
@@ -82,10 +84,17 @@ def write_json(path: Path, data: dict) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread writes files
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def read_result(run_dir: Path) -> dict:

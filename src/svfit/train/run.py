@@ -138,10 +138,9 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     # Applied before the first evaluation so that a bad target list fails at once; every method starts from the
     # base model's function (SVFit exactly), so this is the pre-trained model's score.
     model = method.apply(model, task, cfg.options)
-    before = None
-    if main:  # the other processes wait for it in the first collective of fit()
-        before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
-        echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
+    # every process scores (in parallel), so that none idles in a collective long enough to time out
+    before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
+    echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     n_head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and task.is_head(n))
@@ -170,8 +169,7 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     # Data-parallel replicas must end identical; record each process's checksum of the trained parameters.
     checksums = gather_object([_trained_checksum(model)])
     if not main:
-        accelerator.wait_for_everyone()
-        return None
+        return None  # the last collective: the main process alone scores and writes, and nobody waits for it
     if len(set(checksums)) > 1:
         warnings.warn(f"data-parallel processes ended with different trained parameters: {checksums}", stacklevel=2)
     log.distributed = {"num_processes": accelerator.num_processes, "trained_checksums": checksums}
@@ -185,7 +183,6 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_head, n_total, started)
         write_json(stage / RESULT_FILE, result)
     echo(f"saved {cfg.out}/ ({weights.relative_to(stage)}: {result['train_info']['file_size']:,} bytes)")
-    accelerator.wait_for_everyone()
     return result
 
 
