@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from svfit.errors import SVFitUserError
 from svfit.methods import MethodOptions
 from svfit.train.results import held_out, write_json
 from svfit.train.run import RunConfig, train_run
@@ -112,6 +113,8 @@ def run(out: Path, quick: bool, tasks: Optional[list[str]] = None, log: Callable
             for seed in profile.seeds:
                 for name in profile.variants:
                     v = VARIANTS[name]
+                    if lrs[v.tune_as] is None:
+                        continue
                     curves = budget.eval_every if name in CURVE_VARIANTS else None
                     experiment(root / "test" / f"{name}-seed{seed}.json", task, v, lrs[v.tune_as], seed, budget,
                                scratch, log, eval_every=curves)
@@ -141,9 +144,7 @@ def tune(root: Path, task: str, budget: TaskBudget, profile: Profile, scratch: P
             final = held_out(result["train_info"]["metrics"][-1])
             if result["train_info"].get("status") == "success":
                 scores.append((final["accuracy"], -final["loss"], lr))
-        if not scores:
-            raise RuntimeError(f"every learning rate in the grid diverged for {method} on {task}")
-        best[method] = max(scores)[2]
+        best[method] = max(scores)[2] if scores else None  # None: unsupported here, or every point diverged
     write_json(root / "tuned_lr.json", {"grid_factors": list(profile.grid), "lr": best})
     return best
 
@@ -174,7 +175,9 @@ def experiment(path: Path, task: str, v: Variant, lr: float, seed: int, budget: 
     try:
         result = train_run(config, echo=lambda _: None)
     except FloatingPointError as exc:  # a diverging grid point is a result (it loses), not a crash
-        result = _diverged(config, str(exc))
+        result = _failed(config, str(exc), "diverged")
+    except SVFitUserError as exc:  # e.g. PEFT's PiSSA on a task whose targets are Conv2d
+        result = _failed(config, str(exc), "unsupported")
     finally:
         shutil.rmtree(config.out, ignore_errors=True)  # run dirs can hold a whole model; the JSON is the record
     result["run_info"]["benchmark"] = {"variant": v.name, "label": v.label or v.name, "lr": lr, "seed": seed,
@@ -194,12 +197,12 @@ def _same_setting(recorded: dict, config: RunConfig) -> bool:
     return all(json.loads(json.dumps(recorded.get(k))) == json.loads(json.dumps(wanted.get(k))) for k in keys)
 
 
-def _diverged(config: RunConfig, message: str) -> dict:
+def _failed(config: RunConfig, message: str, status: str) -> dict:
     split = "valid" if config.validation else "test"
     nan = float("nan")
     return {
         "run_info": {"train_config": config.resolved().to_json(), "error_msg": message},
-        "train_info": {"status": "diverged", "metrics": [{f"{split} accuracy": nan, f"{split} loss": nan}]},
+        "train_info": {"status": status, "metrics": [{f"{split} accuracy": nan, f"{split} loss": nan}]},
         "meta_info": {},
     }
 
@@ -345,13 +348,18 @@ def _tuning_section(table, results: Path) -> list[str]:
                     b = r["run_info"]["benchmark"]
                     ok = r["train_info"].get("status") == "success"
                     acc = held_out(r["train_info"]["metrics"][-1])["accuracy"]
-                    per_method.setdefault(b["variant"], []).append((b["lr"], f"{acc:.3f}" if ok else "diverged"))
+                    status = r["train_info"].get("status")
+                    per_method.setdefault(b["variant"], []).append((b["lr"], f"{acc:.3f}" if ok else status))
         for method, points in sorted(per_method.items()):
             points.sort()
             grid = ", ".join(f"{lr:g}: {acc}" for lr, acc in points)
             pick = chosen.get(method)
-            lines.append(f"| {task} | {method} | {grid} | {pick:g} |" if pick is not None else
-                         f"| {task} | {method} | {grid} | – |")
+            if pick is None:
+                reason = next((r["run_info"].get("error_msg", "") for k, rs in groups.items() if k.startswith("tune/")
+                               for r in rs if r["run_info"]["benchmark"]["variant"] == method), "")
+                lines.append(f"| {task} | {method} | {grid} | not run: {reason} |")
+            else:
+                lines.append(f"| {task} | {method} | {grid} | {pick:g} |")
     return lines + [""]
 
 

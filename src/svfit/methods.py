@@ -13,6 +13,8 @@ from typing import Optional, Union
 
 from torch import nn
 
+from .errors import SVFitUserError
+
 ADAPTER_DIR = "adapter"
 FULL_MODEL_FILE = "model.safetensors"
 
@@ -103,7 +105,16 @@ class PissaMethod(LoraMethod):
     init = "pissa"
 
     def apply(self, model, task, options):
-        peft_model = super().apply(model, task, options)
+        try:
+            peft_model = super().apply(model, task, options)
+        except ValueError as exc:
+            if "Unknown initialization" not in str(exc):
+                raise
+            # PEFT implements PiSSA's SVD init for Linear layers only
+            raise SVFitUserError(
+                f"PEFT's PiSSA initialises Linear layers only, and task {task.name} targets other layers (e.g. "
+                "Conv2d); pick Linear --targets or another method"
+            ) from None
         init_dir = Path(tempfile.mkdtemp(prefix="svfit-pissa-init-"))
         config = peft_model.peft_config["default"]
         config.init_lora_weights = True  # the saved initial adapter must be plain LoRA for the conversion
