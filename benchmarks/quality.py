@@ -280,6 +280,12 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         "*file* is the saved adapter's bytes (the whole model for full fine-tuning). Δ vs LoRA is in accuracy points.",
         "",
     ]
+    every = [r for groups in table.values() for runs in groups.values() for r in runs]
+    compute = sum(r["run_info"].get("total_time", 0.0) for r in every)
+    missing = [t for t in FULL.budgets if t not in table]
+    lines += [f"{len(every)} experiments, {compute / 60:.0f} min of compute in all (sum of the runs' wall times)."
+              + (f" **Not run yet: {', '.join(missing)}** (`python -m benchmarks run --only quality --task ...` "
+                 "resumes)." if missing else ""), ""]
     verdicts = []
     for task, groups in table.items():
         rows = {k.split("/", 1)[1]: row(v) for k, v in groups.items() if k.startswith("test/")}
