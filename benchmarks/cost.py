@@ -106,8 +106,8 @@ def _cases(quick: bool) -> list[Case]:
     return [
         Case("minilm-qv", minilm, "minilm", 32, 128, ["query", "value"], "query, value", 10, 2, 3),
         Case("minilm-all", minilm, "minilm", 32, 128, "all-linear", "all-linear", 10, 2, 3),
-        Case("smollm2-qv", smol, "smollm2", 4, 256, ["q_proj", "v_proj"], "q_proj, v_proj", 3, 1, 1, [smol_note]),
-        Case("smollm2-all", smol, "smollm2", 4, 256, "all-linear", "all-linear", 3, 1, 1, [smol_note]),
+        Case("smollm2-qv", smol, "smollm2", 4, 256, ["q_proj", "v_proj"], "q_proj, v_proj", 3, 1, 1, notes=[smol_note]),
+        Case("smollm2-all", smol, "smollm2", 4, 256, "all-linear", "all-linear", 3, 1, 1, notes=[smol_note]),
     ]
 
 
