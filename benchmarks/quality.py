@@ -370,22 +370,17 @@ def _tuning_section(table, results: Path) -> list[str]:
 
 
 def _ablation_section(table, plt, plots: Path, link_prefix: str) -> list[str]:
-    out = []
+    rows, images = [], []
     for task, groups in table.items():
         points = []
         for key, label in [("ablation/svfit-t0.90", 0.90), ("ablation/svfit-t0.95", 0.95), ("test/svfit", 0.99),
                            ("test/svfit-full", 1.0)]:
             if key in groups:
-                r = row(groups[key])
-                points.append((label, r))
-        if len(points) < 2:
+                points.append((label, row(groups[key])))
+        if not any(key.startswith("ablation/") for key in groups) or len(points) < 2:
             continue
-        if not out:
-            out = ["### Threshold ablation (claim (d))", "",
-                   "Share of the spectrum's energy kept vs accuracy and trainable singular values (1.0 = the full "
-                   "spectrum).", "", "| task | threshold | accuracy | adapter params |", "|---|---|---|---|"]
         for t, r in points:
-            out.append(f"| {task} | {t:g} | {r['mean']:.3f} ± {r['std']:.3f} | {r['adapter_params']:,} |")
+            rows.append(f"| {task} | {t:g} | {r['mean']:.3f} ± {r['std']:.3f} | {r['adapter_params']:,} |")
         fig, ax = plt.subplots(figsize=(4.5, 3))
         ax.errorbar([r["adapter_params"] for _, r in points], [r["mean"] for _, r in points],
                     yerr=[r["std"] for _, r in points], marker="o", capsize=3)
@@ -397,10 +392,13 @@ def _ablation_section(table, plt, plots: Path, link_prefix: str) -> list[str]:
         fig.tight_layout()
         fig.savefig(plots / f"ablation-{task}.png", dpi=110)
         plt.close(fig)
-        out.append("")
-        out.append(f"![threshold ablation on {task}]({link_prefix}/ablation-{task}.png)")
-        out.append("")
-    return out
+        images.append(f"![threshold ablation on {task}]({link_prefix}/ablation-{task}.png)")
+    if not rows:
+        return []
+    return ["### Threshold ablation (claim (d))", "",
+            "Share of the spectrum's energy kept vs accuracy and trainable singular values (1 = the full spectrum), "
+            "mean ± std over the same seeds.", "", "| task | threshold | accuracy | adapter params |",
+            "|---|---|---|---|", *rows, "", *images, ""]
 
 
 def _curves_section(table, plt, plots: Path, link_prefix: str) -> list[str]:
