@@ -77,7 +77,7 @@ def write_json(path: Path, data: dict) -> None:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())  # the rename must not land before the data
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would have
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -91,10 +91,6 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
-
-
-def _umask() -> int:
-    return _UMASK
 
 
 def read_result(run_dir: Path) -> dict:
@@ -145,7 +141,7 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; give the run dir the mode mkdir would have
+    os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the run dir the mode mkdir would have
     try:
         yield stage
         if out_dir.exists():

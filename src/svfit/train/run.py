@@ -119,19 +119,21 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     echo(f"task {task.name}: {cfg.model or task.model_name} on {task.dataset_name}")
     torch.manual_seed(cfg.seed)  # the new head's init
     model = task.load_model()
-    train_set, eval_set = load_split(task, cfg.seed, cfg.train_limit, cfg.eval_limit, cfg.validation)
+    curves = cfg.eval_every is not None
+    if curves and (cfg.eval_every < 1 or cfg.curve_examples < 1):
+        raise SVFitUserError("--eval-every and the curve split size must be >= 1")
+    curve_set = None
+    if curves and not cfg.validation:
+        # the curve split is the last examples of the training data, and training uses the rest: the same prefix
+        # as without curves whenever --train-limit leaves room for them
+        train_all, eval_set = task.load_data(cfg.seed, None, cfg.eval_limit)
+        train_set, curve_set = _hold_out(train_all, cfg.curve_examples, cfg.train_limit, "the --eval-every split")
+    else:
+        train_set, eval_set = load_split(task, cfg.seed, cfg.train_limit, cfg.eval_limit, cfg.validation)
+        if curves:
+            curve_set = eval_set  # a tuning run already holds a validation split out
     if not train_set or not eval_set:
         raise SVFitUserError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
-    curve_set = None
-    if cfg.eval_every is not None:
-        if cfg.eval_every < 1 or cfg.curve_examples < 1:
-            raise SVFitUserError("--eval-every and the curve split size must be >= 1")
-        if cfg.validation:
-            curve_set = eval_set  # a tuning run already holds a validation split out
-        else:
-            # the last examples of the training data, and training on the rest: the same prefix as without curves
-            # whenever --train-limit leaves room for them
-            train_set, curve_set = load_split(task, cfg.seed, cfg.train_limit, cfg.curve_examples, validation=True)
     held_out = "validation (from the training data)" if cfg.validation else "held-out test"
     echo(f"data: {len(train_set)} train / {len(eval_set)} {held_out} examples (seed {cfg.seed})")
 
@@ -206,8 +208,13 @@ def load_split(task, seed: int, train_limit, eval_limit, validation: bool):
         return task.load_data(seed, train_limit, eval_limit)
     train, _ = task.load_data(seed, None, None)
     n_val = eval_limit if eval_limit is not None else max(1, len(train) // 5)
+    return _hold_out(train, n_val, train_limit, f"--eval-limit {n_val}")
+
+
+def _hold_out(train: list, n_val: int, train_limit, what: str) -> tuple[list, list]:
+    """(the first ``train_limit`` of all but the last ``n_val`` examples, the last ``n_val``): disjoint slices."""
     if n_val >= len(train):
-        raise SVFitUserError(f"--eval-limit {n_val} leaves no training data for the validation split")
+        raise SVFitUserError(f"{what} leaves no training data for the validation split")
     return train[: len(train) - n_val][:train_limit], train[len(train) - n_val :]
 
 
