@@ -26,16 +26,12 @@ from svfit.train.run import RunConfig, train_run
 
 @dataclass(frozen=True)
 class Variant:
-    """A row of the quality table: a method and its options. ``tune_as`` names the method whose tuned lr it uses."""
+    """A row of the quality table: a method and its options; it uses its method's tuned learning rate."""
 
     name: str
     method: str
     options: MethodOptions = field(default_factory=MethodOptions)
     label: str = ""
-
-    @property
-    def tune_as(self) -> str:
-        return self.method
 
 
 VARIANTS = {
@@ -113,10 +109,10 @@ def run(out: Path, quick: bool, tasks: Optional[list[str]] = None, log: Callable
             for seed in profile.seeds:
                 for name in profile.variants:
                     v = VARIANTS[name]
-                    if lrs[v.tune_as] is None:
+                    if lrs[v.method] is None:
                         continue
                     curves = budget.eval_every if name in CURVE_VARIANTS else None
-                    experiment(root / "test" / f"{name}-seed{seed}.json", task, v, lrs[v.tune_as], seed, budget,
+                    experiment(root / "test" / f"{name}-seed{seed}.json", task, v, lrs[v.method], seed, budget,
                                scratch, log, eval_every=curves)
                 if task in profile.ablation_tasks:
                     for threshold, v in ABLATION.items():
@@ -133,7 +129,7 @@ def tune(root: Path, task: str, budget: TaskBudget, profile: Profile, scratch: P
     from svfit.tasks import get_task
 
     defaults = get_task(task).defaults
-    methods = sorted({VARIANTS[name].tune_as for name in profile.variants})
+    methods = sorted({VARIANTS[name].method for name in profile.variants})
     best = {}
     for method in methods:
         scores = []

@@ -347,8 +347,7 @@ def _plot(rows: list[dict], plots: Path) -> tuple[str, str]:
 
     plots.mkdir(parents=True, exist_ok=True)
     n = [r["width"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    series = {
+    init_series = {
         "torch.linalg.svd (floor)": [r["random"]["svd_s"] for r in rows],
         "SVFit 0.99, random": [r["random"]["init_threshold_s"] for r in rows],
         "SVFit full": [r["random"]["init_full_s"] for r in rows],
@@ -356,33 +355,26 @@ def _plot(rows: list[dict], plots: Path) -> tuple[str, str]:
         'SVFit svd="lowrank", low-rank+noise': [r["lowrank+noise"]["lowrank"]["init_s"] for r in rows],
         "LoRA r=8": [r["lora_init_s"] for r in rows],
     }
+    step_series = {label: [r["step"][m]["median_s"] for r in rows] for m, label in STEP_MODELS.items()}
+    init_png, step_png = "scaling_init.png", "scaling_step.png"
+    _loglog(plt, n, init_series, "width n (n x n weight)", "seconds", "Init time vs width", plots / init_png)
+    _loglog(plt, n, step_series, "width n", "seconds per step", "Training step time vs width", plots / step_png)
+    return init_png, step_png
+
+
+def _loglog(plt, n: list[int], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str, path: Path):
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, ys in series.items():
         ax.plot(n, ys, marker="o", label=label, ls="--" if "floor" in label else "-")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("width n (n x n weight)")
-    ax.set_ylabel("seconds")
-    ax.set_title("Init time vs width")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    init_png = "scaling_init.png"
-    fig.savefig(plots / init_png, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for m, label in STEP_MODELS.items():
-        ax.plot(n, [r["step"][m]["median_s"] for r in rows], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("width n")
-    ax.set_ylabel("seconds per step")
-    ax.set_title("Training step time vs width")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    step_png = "scaling_step.png"
-    fig.savefig(plots / step_png, dpi=110)
-    plt.close(fig)
-    return init_png, step_png
 
 
 def main() -> None:
