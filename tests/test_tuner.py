@@ -329,7 +329,8 @@ def test_mixed_adapter_batch_matches_per_adapter_runs(case_name):
     with model.disable_adapter():
         per["__base__"] = case.run(model, inputs)
     for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], per[name][row], atol=1e-6, rtol=1e-5)
+        # mixed batches take the reference side branch, single-adapter runs a fast path: equal to fp32 round-off
+        torch.testing.assert_close(mixed[row], per[name][row], atol=2e-5, rtol=1e-4)
 
 
 def test_mixed_batch_rejects_unknown_names_and_training_mode():

@@ -68,3 +68,14 @@ def adapted_singular_values(
 ) -> torch.Tensor:
     """The singular values the adapted weight has on the kept subspace (for inspection and plots)."""
     return sigma.to(vector.dtype) + singular_value_shift(vector, sigma, parametrization, nonneg)
+
+
+def relative_shift(
+    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False
+) -> torch.Tensor:
+    """c / sigma_r, what the one-basis compute paths scale by (U diag(c) V^T = U diag(c / sigma) U^T W0). Under
+    ``scale`` this is z - 1 with no division; otherwise the caller checks that sigma_r is well conditioned."""
+    if parametrization == "scale":
+        z = torch.relu(vector) if nonneg else vector
+        return z - 1.0
+    return singular_value_shift(vector, sigma, parametrization, nonneg) / sigma.to(vector.dtype)

@@ -11,6 +11,7 @@ from peft.config import PeftConfig
 
 from .._version import __version__
 from ..core.parametrization import PARAMETRIZATIONS
+from ..core.paths import COMPUTE_PATHS
 from ..core.spectrum import INFORMATION_MEASURES, SVD_DTYPES
 from .peft_type import SVFIT_PEFT_TYPE
 
@@ -59,6 +60,14 @@ class SVFitConfig(PeftConfig):
             are not unique.
         bases_dtype: ``"float32"`` (default) keeps U_r, V_r in float32; ``"base"`` keeps them in the base weight's
             dtype (half the memory under bf16; the trained vector stays float32).
+
+    Compute:
+        compute_path: how an adapted Linear / Conv1D computes its update (all give the same model to round-off;
+            see ``svfit.core.paths``). ``"auto"`` (default) picks the cheapest per call by a flop model: usually
+            ``"merged"`` in training (forms W0 + U_r diag(c) V_r^T once per step and runs one matmul, like the
+            base) and a one-basis side path (``"input"``/``"output"``) for few tokens. ``"reference"`` is the
+            straightforward side branch ((x V_r) * c) U_r^T. In half-precision weights ``auto`` never merges (the
+            update could round away in a bf16 weight); naming ``"merged"`` forces it.
 
     Recorded at injection (do not set by hand):
         resolved_ranks: the r chosen for every adapted module; reused verbatim on reload, since re-thresholding a
@@ -126,6 +135,9 @@ class SVFitConfig(PeftConfig):
     bases_dtype: Literal["float32", "base"] = field(
         default="float32", metadata={"help": "Storage dtype of U_r and V_r."}
     )
+    compute_path: Literal["auto", "reference", "merged", "input", "output"] = field(
+        default="auto", metadata={"help": "How adapted Linear layers compute the update ('auto': cheapest)."}
+    )
     resolved_ranks: dict = field(default_factory=dict, metadata={"help": "Filled at injection: r per module."})
     base_fingerprints: dict = field(
         default_factory=dict, metadata={"help": "Filled at injection: fingerprint of each base weight."}
@@ -159,6 +171,7 @@ class SVFitConfig(PeftConfig):
         _check_choice("svd_dtype", self.svd_dtype, tuple(SVD_DTYPES))
         _check_choice("svd_device", self.svd_device, ("auto", "cpu"))
         _check_choice("bases_dtype", self.bases_dtype, ("float32", "base"))
+        _check_choice("compute_path", self.compute_path, COMPUTE_PATHS)
         for name in ("svd_niter", "svd_oversample"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

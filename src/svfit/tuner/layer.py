@@ -22,7 +22,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.fingerprint import Fingerprint, fingerprint
-from ..core.parametrization import initial_vector, singular_value_shift
+from ..core import paths
+from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
 from ..core.spectrum import SVD_DTYPES, thin_svd
 
 # Singular vectors are unique only up to rotations within blocks of equal singular values. Below this gap (relative
@@ -107,6 +108,7 @@ class SVFitLayer(BaseTunerLayer):
         "svfit_parametrization",
         "svfit_nonneg",
         "svfit_bases_dtype",
+        "svfit_compute_path",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
@@ -121,6 +123,7 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_parametrization: dict[str, str] = {}
         self.svfit_nonneg: dict[str, bool] = {}
         self.svfit_bases_dtype: dict[str, str] = {}
+        self.svfit_compute_path: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters = []  # rebind: the class-level list would be shared by every layer
         self.kwargs = kwargs
@@ -204,6 +207,7 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_parametrization[adapter_name] = config.parametrization
         self.svfit_nonneg[adapter_name] = bool(config.nonneg)
         self.svfit_bases_dtype[adapter_name] = config.bases_dtype
+        self.svfit_compute_path[adapter_name] = getattr(config, "compute_path", "auto")
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
         return info
@@ -352,6 +356,7 @@ class Linear(nn.Module, SVFitLayer):
         super().__init__()
         SVFitLayer.__init__(self, base_layer)
         self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
+        self._one_basis_cache: dict[str, tuple] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
 
@@ -365,11 +370,75 @@ class Linear(nn.Module, SVFitLayer):
     def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
         c = self.singular_value_shift(adapter_name)
-        h = self._cast_input_dtype(x, V.dtype) @ V  # (..., r): coordinates in the right singular basis
-        return (h * c).to(U.dtype) @ U.T
+        return paths.reference_branch(self._cast_input_dtype(x, V.dtype), c, U, V)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._svfit_forward(x, *args, **kwargs)
+        path, name = self.compute_path_for(x, *args, **kwargs)
+        if path == "reference":
+            return self._svfit_forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        U, V = self.svfit_U[name], self.svfit_V[name]
+        vector = self.svfit_vector[name]
+        args_ = (vector, self.svfit_sigma[name], self.svfit_parametrization[name], self.svfit_nonneg[name])
+        if path == "merged":
+            return paths.merged_linear(
+                x, singular_value_shift(*args_), base.weight, base.bias, U, V, transposed=self.is_conv1d
+            )
+        s = relative_shift(*args_)
+        if path == "input":
+            return base(paths.project_input(x, s, V))
+        return paths.project_output(base(x), s, U, base.bias)
+
+    def compute_path_for(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[str, Optional[str]]:
+        """(path, adapter) this call would take: one of ``svfit.core.paths.COMPUTE_PATHS`` but "auto".
+
+        The fast paths serve the common case, one active adapter on a plain layer; everything else (several
+        adapters, mixed batches, merged or disabled adapters, hooks or a trainable base weight) takes the
+        reference side branch.
+        """
+        if args or kwargs.get("adapter_names") is not None or set(kwargs) - {"adapter_names"}:
+            return "reference", None
+        if self.disable_adapters or self.merged:
+            return "reference", None
+        active = [n for n in self.active_adapters if n in self.svfit_vector]
+        if len(active) != 1:
+            return "reference", None
+        name = active[0]
+        wanted = self.svfit_compute_path.get(name, "auto")
+        if wanted == "reference" or self.svfit_info[name].r == 0 or not x.is_floating_point():
+            return "reference", name
+        base = self.get_base_layer()
+        plain = type(base) in (nn.Linear, Conv1D) and not (
+            base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
+        )
+        allow_merged = plain and not base.weight.requires_grad
+        one_basis = self._one_basis_ok(name)
+        if wanted != "auto":
+            usable = allow_merged if wanted == "merged" else (one_basis and (wanted == "input" or plain))
+            return (wanted if usable else "reference"), name
+        # in half precision a merged weight would round small updates away; the side paths keep them
+        allow_merged = allow_merged and base.weight.dtype in (torch.float32, torch.float64)
+        # Chosen from shapes alone (costed as a training step), never from grad mode: the same input then gives the
+        # same bits in training, in eval and after a save/load round trip.
+        path = paths.choose_path(
+            x.numel() // self.in_features,
+            self.in_features,
+            self.out_features,
+            self.svfit_info[name].r,
+            training=True,
+            one_basis=one_basis and plain,
+            allow_merged=allow_merged,
+        )
+        return path, name
+
+    def _one_basis_ok(self, name: str) -> bool:
+        sigma = self.svfit_sigma[name]
+        key = (sigma.data_ptr(), sigma._version, sigma.device)  # sigma is replaced when a checkpoint loads bases
+        cached = self._one_basis_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, paths.one_basis_ok(sigma))
+            self._one_basis_cache[name] = cached
+        return cached[1]
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True  # Delta W = (U_r diag(c)) V_r^T is already a rank-r factorisation

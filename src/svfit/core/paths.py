@@ -1,0 +1,229 @@
+"""Fast ways to compute an SVFit linear layer, and a cost model that picks one per call.
+
+The adapted layer is y = x (W0 + U_r diag(c) V_r^T)^T + b with c = (adapted - pre-trained) singular values and only
+c trained. The straightforward side branch ``((x V_r) * c) U_r^T`` (``reference``) costs 2 T r (d_in + d_out) flops
+forward and about the same again backward for T tokens, which with r close to the width (a 99% threshold usually
+keeps 50-80% of the spectrum) is more than the base matmul itself. Three exact reformulations:
+
+``merged``  W' = W0 + U_r diag(c) V_r^T is formed once per call (r d_in d_out flops, independent of T) and the layer
+            runs one matmul with W', like the base. The singular-value gradient is the diagonal of U_r^T G V_r with
+            G = g^T x the (never materialised elsewhere) weight gradient: T d_in d_out + r d_in d_out flops; or, when
+            r is small, from token projections sum_t (g_t U_r) * (x_t V_r): T r (d_in + d_out). W' is recomputed in
+            backward instead of kept, so memory stays at the base layer's plus x (which LoRA saves too).
+``input``   one basis: with orthonormal V_r, U_r diag(c) V_r^T = W0 V_r diag(c / sigma_r) V_r^T, so
+            y = base(x + ((x V_r) * c/sigma) V_r^T): 4 T r d_in flops in all, the base layer runs untouched.
+``output``  the same with U_r: y = base(x) + ((y0 U_r) * c/sigma) U_r^T, y0 = base(x) - b: 4 T r d_out.
+
+The one-basis forms divide by sigma_r, so they are used only when the kept spectrum is well conditioned
+(``ONE_BASIS_MIN_RATIO``); they win when there are few tokens (generation, small batches), ``merged`` when T is large
+(training). Every path is exactly the base layer when c = 0 (bit for bit: the update is an exact zero), and agrees
+with ``reference`` to floating-point round-off; tests check both, and each autograd Function against finite
+differences in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+ComputePath = Literal["auto", "reference", "merged", "input", "output"]
+COMPUTE_PATHS = ("auto", "reference", "merged", "input", "output")
+
+# sigma_r / sigma_1 below this: dividing by sigma_r would amplify the SVD's round-off (|U^T W0 - S V^T| ~ eps sigma_1)
+# into the update beyond float32 tolerance, so the one-basis paths are not offered.
+ONE_BASIS_MIN_RATIO = 1e-3
+
+
+def path_costs(
+    tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True
+) -> dict[str, float]:
+    """Extra flops (beyond the base layer's own matmuls) of each path for one call, forward plus backward when
+    ``training``. Multiply-adds counted once; elementwise work ignored (it is O(T r) everywhere)."""
+    T = tokens
+    if training:
+        costs = {
+            # forward both projections; backward g U_r, and (g U_r * c) V_r^T when the input needs a gradient
+            "reference": T * r * (d_in + d_out) + T * r * d_out + (T * r * d_in if input_grad else 0),
+            "merged": r * d_in * d_out * (2 if input_grad else 1) + merged_sigma_grad_cost(T, d_in, d_out, r)[1],
+        }
+        if one_basis:
+            costs["input"] = 2 * T * r * d_in + T * r * d_in + (T * r * d_in if input_grad else 0)
+            costs["output"] = 2 * T * r * d_out + T * r * d_out + (T * r * d_out if input_grad else 0)
+    else:
+        costs = {"reference": T * r * (d_in + d_out), "merged": r * d_in * d_out}
+        if one_basis:
+            costs["input"] = 2 * T * r * d_in
+            costs["output"] = 2 * T * r * d_out
+    return {k: float(v) for k, v in costs.items()}
+
+
+def merged_sigma_grad_cost(tokens: int, d_in: int, d_out: int, r: int) -> tuple[str, int]:
+    """How ``merged`` gets the singular-value gradient: from the weight gradient ("weight") or from token
+    projections ("tokens"), whichever takes fewer flops."""
+    via_weight = tokens * d_in * d_out + r * d_in * d_out
+    via_tokens = tokens * r * (d_in + d_out)
+    return ("weight", via_weight) if via_weight <= via_tokens else ("tokens", via_tokens)
+
+
+def choose_path(
+    tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True,
+    allow_merged: bool = True,
+) -> str:
+    """The cheapest path by ``path_costs`` (ties go to the earlier of reference, merged, input, output)."""
+    costs = path_costs(tokens, d_in, d_out, r, training=training, input_grad=input_grad, one_basis=one_basis)
+    if not allow_merged:
+        costs.pop("merged")
+    return min(costs, key=costs.get)
+
+
+def one_basis_ok(sigma: torch.Tensor) -> bool:
+    """Whether dividing by the kept singular values is numerically safe (see ONE_BASIS_MIN_RATIO)."""
+    if sigma.numel() == 0:
+        return False
+    return bool(sigma.min() > ONE_BASIS_MIN_RATIO * sigma.max())
+
+
+# -- merged ------------------------------------------------------------------------------------------------------
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _delta(U: torch.Tensor, c: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """U diag(c) V^T in the bases' dtype, outside autocast (it is added to a weight, not an activation)."""
+    with _no_autocast(U.device.type):
+        return (U * c.to(U.dtype)) @ V.T
+
+
+def _merged_weight(weight: torch.Tensor, U, c, V, transposed: bool) -> torch.Tensor:
+    delta = _delta(U, c, V)
+    return weight + (delta.T if transposed else delta).to(weight.dtype)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
+    if not transposed:
+        return F.linear(x, weight, bias)
+    # transformers' Conv1D computes exactly this (weight stored (d_in, d_out)); same op, same bits at c = 0
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None else (
+        x.reshape(-1, x.shape[-1]) @ weight
+    )
+    return out.reshape(*x.shape[:-1], weight.shape[-1])
+
+
+class MergedLinear(Function):
+    """y = x W'^T + b with W' = W0 + U diag(c) V^T formed here (and again in backward, not kept)."""
+
+    @staticmethod
+    def forward(ctx, x, c, weight, bias, U, V, transposed: bool, sigma_grad: str):
+        W = _merged_weight(weight, U, c, V, transposed)
+        y = _linear(x, W, bias, transposed)
+        ctx.transposed, ctx.sigma_grad = transposed, sigma_grad
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
+        if ctx.needs_input_grad[1] and sigma_grad == "tokens":
+            with _no_autocast(x.device.type):
+                saved = x.reshape(-1, x.shape[-1]).to(V.dtype) @ V  # (T, r): only this is needed of x
+        else:
+            saved = x if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(saved, c, weight, U, V)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        saved, c, weight, U, V = ctx.saved_tensors
+        grad_x = grad_c = grad_bias = None
+        d_out = g.shape[-1]
+        g2 = g.reshape(-1, d_out)
+        with _no_autocast(g.device.type):
+            if ctx.needs_input_grad[0]:
+                W = _merged_weight(weight, U, c, V, ctx.transposed).to(g.dtype)
+                gx = g2 @ (W.T if ctx.transposed else W)
+                grad_x = gx.reshape(*ctx.x_shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
+            if ctx.needs_input_grad[1]:
+                if ctx.sigma_grad == "tokens":
+                    grad_c = (saved.float() * (g2.to(U.dtype) @ U).float()).sum(0)
+                else:
+                    x2 = saved.reshape(-1, saved.shape[-1])
+                    G = (g2.T @ x2.to(g2.dtype)).float()  # the weight gradient, (d_out, d_in)
+                    grad_c = ((U.float().T @ G) * V.float().T).sum(1)
+                grad_c = grad_c.to(c.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_bias = g2.sum(0)
+        return grad_x, grad_c, None, grad_bias, None, None, None, None
+
+
+def merged_linear(x, c, weight, bias, U, V, *, transposed: bool = False, sigma_grad: Optional[str] = None):
+    """The ``merged`` path. ``weight`` is the base weight in its stored layout ((d_in, d_out) when ``transposed``,
+    i.e. transformers' Conv1D); it is read, never written. ``sigma_grad`` forces "weight" or "tokens"."""
+    if sigma_grad is None:
+        d_out, d_in = U.shape[0], V.shape[0]
+        sigma_grad = merged_sigma_grad_cost(x.numel() // max(d_in, 1), d_in, d_out, U.shape[1])[0]
+    return MergedLinear.apply(x, c, weight, bias, U, V, transposed, sigma_grad)
+
+
+# -- one basis ---------------------------------------------------------------------------------------------------
+
+
+class _Project(Function):
+    """z = a + ((a B) * s) B^T for an orthonormal-column basis B (d, r); saves only a B (T, r)."""
+
+    @staticmethod
+    def forward(ctx, a, s, B):
+        h = a @ B.to(a.dtype)
+        z = a + ((h * s).to(a.dtype) @ B.T.to(a.dtype))
+        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, s, B)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        h, s, B = ctx.saved_tensors
+        Bg = B.to(g.dtype)
+        gh = g @ Bg
+        grad_a = g + ((gh * s).to(g.dtype) @ Bg.T) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (h.float() * gh.float()).reshape(-1, B.shape[1]).sum(0).to(s.dtype)
+        return grad_a, grad_s, None
+
+
+class _ProjectOutput(Function):
+    """z = y + (((y - b) B) * s) B^T: the output-side update, on the base output y with its bias b removed."""
+
+    @staticmethod
+    def forward(ctx, y, s, B, bias):
+        y0 = y - bias if bias is not None else y
+        h = y0 @ B.to(y.dtype)
+        z = y + ((h * s).to(y.dtype) @ B.T.to(y.dtype))
+        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, s, B)
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        h, s, B = ctx.saved_tensors
+        Bg = B.to(g.dtype)
+        gh = g @ Bg
+        through = (gh * s).to(g.dtype) @ Bg.T  # what the update sends back to y0
+        grad_y = g + through if ctx.needs_input_grad[0] else None
+        grad_s = (h.float() * gh.float()).reshape(-1, B.shape[1]).sum(0).to(s.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = -through.reshape(-1, through.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_y, grad_s, None, grad_bias
+
+
+def project_input(x: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """x + ((x V) * s) V^T, to be fed to the untouched base layer (``input`` path; s = c / sigma)."""
+    return _Project.apply(x, s, V)
+
+
+def project_output(y: torch.Tensor, s: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y + (((y - b) U) * s) U^T on the base layer's output y (``output`` path; s = c / sigma)."""
+    return _ProjectOutput.apply(y, s, U, bias)
+
+
+def reference_branch(x: torch.Tensor, c: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """((x V) * c) U^T: the straightforward two-basis side branch, kept as the definition the fast paths are
+    tested against (and used where they do not apply)."""
+    h = x.to(V.dtype) @ V
+    return (h * c).to(U.dtype) @ U.T

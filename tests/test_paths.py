@@ -1,0 +1,212 @@
+"""The fast compute paths (svfit.core.paths) against the reference side branch, finite differences and the base."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from svfit import SVFitConfig
+from svfit.core import paths
+from svfit.core.spectrum import thin_svd
+from svfit.tuner.layer import SVFitLayer
+
+
+def _factors(d_out, d_in, r, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g, dtype=dtype) / d_in**0.5
+    svd = thin_svd(W, r, dtype=dtype)
+    c = 0.3 * svd.S * torch.randn(r, generator=g, dtype=dtype)
+    b = torch.randn(d_out, generator=g, dtype=dtype)
+    return W, svd.U, svd.S, svd.V, c, b
+
+
+def _reference(x, W, b, U, V, c):
+    return F.linear(x, W, b) + paths.reference_branch(x, c, U, V)
+
+
+def _path(name, x, W, b, U, S, V, c, transposed=False):
+    if name.startswith("merged"):
+        grad = name.split("-")[1]
+        weight = W.T.contiguous() if transposed else W
+        return paths.merged_linear(x, c, weight, b, U, V, transposed=transposed, sigma_grad=grad)
+    s = c / S
+    if name == "input":
+        return F.linear(paths.project_input(x, s, V), W, b)
+    return paths.project_output(F.linear(x, W, b), s, U, b)
+
+
+PATHS = ["merged-weight", "merged-tokens", "input", "output"]
+
+
+@pytest.mark.parametrize("name", PATHS)
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)])
+def test_every_path_matches_the_reference_in_value_and_gradient(name, shape):
+    d_out, d_in = shape
+    W, U, S, V, c, b = _factors(d_out, d_in, r=10)
+    x = torch.randn(3, 5, d_in)
+    leaves = [t.clone().requires_grad_(True) for t in (x, c, b)]
+    y = _path(name, leaves[0], W, leaves[2], U, S, V, leaves[1])
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, c, b)]
+    y_ref = _reference(ref_leaves[0], W, ref_leaves[2], U, V, ref_leaves[1])
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, g)
+    grads_ref = torch.autograd.grad(y_ref, ref_leaves, g)
+    for a, e in zip(grads, grads_ref):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad", ["weight", "tokens"])
+def test_merged_path_on_a_transposed_conv1d_weight(grad):
+    W, U, S, V, c, b = _factors(12, 20, r=7)
+    x = torch.randn(2, 3, 20)
+    conv = Conv1D(12, 20)
+    conv.weight.data.copy_(W.T)
+    conv.bias.data.copy_(b)
+    c_leaf = c.clone().requires_grad_(True)
+    y = paths.merged_linear(x, c_leaf, conv.weight, conv.bias, U, V, transposed=True, sigma_grad=grad)
+    y_ref = conv(x) + paths.reference_branch(x, c, U, V)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    c_ref = c.clone().requires_grad_(True)
+    (conv(x) + paths.reference_branch(x, c_ref, U, V)).sum().backward()
+    torch.testing.assert_close(c_leaf.grad, c_ref.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", PATHS)
+def test_every_path_is_bit_identical_to_the_base_layer_at_c_zero(name):
+    W, U, S, V, _, b = _factors(20, 12, r=8)
+    x = torch.randn(4, 12)
+    y = _path(name, x, W, b, U, S, V, torch.zeros(8))
+    assert torch.equal(y, F.linear(x, W, b))
+
+
+def test_float64_gradients_of_every_autograd_function_match_finite_differences():
+    W, U, S, V, c, b = _factors(6, 5, r=4, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    c = c.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    for grad in ("weight", "tokens"):
+        assert torch.autograd.gradcheck(
+            lambda x, c, b: paths.merged_linear(x, c, W, b, U, V, sigma_grad=grad), (x, c, b)
+        )
+        assert torch.autograd.gradcheck(
+            lambda x, c, b: paths.merged_linear(x, c, W.T.contiguous(), b, U, V, transposed=True, sigma_grad=grad),
+            (x, c, b),
+        )
+    s = (c / S).detach().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, s: paths.project_input(x, s, V), (x, s))
+    y = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, s, b: paths.project_output(y, s, U, b), (y, s, b))
+
+
+def test_merged_path_never_writes_the_base_weight():
+    W, U, S, V, c, b = _factors(10, 10, r=5)
+    before = W.clone()
+    c = c.requires_grad_(True)
+    paths.merged_linear(torch.randn(4, 10, requires_grad=True), c, W, b, U, V).sum().backward()
+    assert torch.equal(W, before) and c.grad is not None
+
+
+def test_cost_model_merges_for_many_tokens_and_uses_one_basis_for_few():
+    # a 99%-energy adapter keeps most of the spectrum: r close to the width
+    assert paths.choose_path(4096, 384, 384, 290, training=True) == "merged"
+    assert paths.choose_path(1, 384, 1536, 300, training=True) == "input"
+    assert paths.choose_path(1, 1536, 384, 300, training=True) == "output"
+    assert paths.choose_path(1, 384, 1536, 300, training=True, one_basis=False) == "reference"
+    assert paths.choose_path(4096, 384, 384, 290, training=True, allow_merged=False, one_basis=False) == "reference"
+    assert paths.merged_sigma_grad_cost(4096, 384, 384, 290)[0] == "weight"
+    assert paths.merged_sigma_grad_cost(4096, 384, 384, 8)[0] == "tokens"
+
+
+def test_one_basis_paths_are_refused_for_an_ill_conditioned_kept_spectrum():
+    assert paths.one_basis_ok(torch.tensor([3.0, 1.0, 0.5]))
+    assert not paths.one_basis_ok(torch.tensor([3.0, 1.0, 1e-6]))
+    assert not paths.one_basis_ok(torch.tensor([]))
+
+
+# -- through the tuner ---------------------------------------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(16, 40).to(dtype)
+        self.down = nn.Linear(40, 16).to(dtype)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+def _adapted(compute_path, dtype=torch.float32, **kw):
+    model = get_peft_model(_MLP(dtype), SVFitConfig(target_modules=["up", "down"], compute_path=compute_path,
+                                                    init_weights=False, **kw))
+    return model
+
+
+def _svfit_layers(model):
+    return [m for m in model.modules() if isinstance(m, SVFitLayer)]
+
+
+@pytest.mark.parametrize("compute_path", ["merged", "input", "output", "auto"])
+def test_each_compute_path_trains_the_same_model_as_the_reference(compute_path):
+    torch.manual_seed(1)
+    x = torch.randn(6, 16)
+    fast, ref = _adapted(compute_path), _adapted("reference")
+    for m in (fast, ref):  # same random init in both
+        for layer in _svfit_layers(m):
+            torch.manual_seed(7)
+            layer.svfit_vector["default"].data = 0.1 * torch.randn_like(layer.svfit_vector["default"])
+    out, out_ref = fast(x), ref(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for a, b in zip(_svfit_layers(fast), _svfit_layers(ref)):
+        torch.testing.assert_close(a.svfit_vector["default"].grad, b.svfit_vector["default"].grad, atol=1e-4,
+                                   rtol=1e-4)
+    assert [n for n, p in fast.named_parameters() if p.requires_grad] == [
+        n for n, p in fast.named_parameters() if p.requires_grad and "svfit_vector" in n
+    ]
+    if compute_path != "auto":
+        assert {layer.compute_path_for(x)[0] for layer in _svfit_layers(fast)} == {compute_path}
+
+
+def test_the_path_does_not_depend_on_grad_mode_so_eval_matches_training_bits():
+    model = _adapted("auto")
+    x = torch.randn(2, 16)
+    y = model(x)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
+def test_auto_does_not_merge_into_half_precision_weights_but_merged_can_be_forced():
+    x = torch.randn(64, 16, dtype=torch.bfloat16)
+    auto = _adapted("auto", dtype=torch.bfloat16)
+    assert all(layer.compute_path_for(x)[0] != "merged" for layer in _svfit_layers(auto))
+    forced = _adapted("merged", dtype=torch.bfloat16)
+    assert all(layer.compute_path_for(x)[0] == "merged" for layer in _svfit_layers(forced))
+
+
+def test_fast_paths_step_aside_where_they_do_not_apply():
+    model = _adapted("merged")
+    layer = _svfit_layers(model)[0]
+    x = torch.randn(3, 16)
+    assert layer.compute_path_for(x)[0] == "merged"
+    assert layer.compute_path_for(x, adapter_names=["default"] * 3)[0] == "reference"
+    handle = layer.get_base_layer().register_forward_hook(lambda *a: None)
+    assert layer.compute_path_for(x)[0] == "reference"  # a merged matmul would skip the user's hook
+    handle.remove()
+    model.add_adapter("second", SVFitConfig(target_modules=["up", "down"], compute_path="merged"))
+    model.base_model.set_adapter(["default", "second"])
+    assert layer.compute_path_for(x)[0] == "reference"
+    model.base_model.set_adapter("default")
+    model.merge_adapter()
+    assert layer.compute_path_for(x)[0] == "reference"
+
+
+def test_a_bad_compute_path_is_a_clear_config_error():
+    with pytest.raises(ValueError, match="compute_path must be one of"):
+        SVFitConfig(compute_path="fast")
