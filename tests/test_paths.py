@@ -210,3 +210,48 @@ def test_fast_paths_step_aside_where_they_do_not_apply():
 def test_a_bad_compute_path_is_a_clear_config_error():
     with pytest.raises(ValueError, match="compute_path must be one of"):
         SVFitConfig(compute_path="fast")
+
+
+# -- the SVD cache -------------------------------------------------------------------------------------------------
+
+
+def test_svd_cache_reuses_a_factorisation_and_survives_a_corrupt_entry(tmp_path, monkeypatch):
+    import svfit
+    from svfit.core import spectrum
+
+    calls = []
+    real = spectrum.thin_svd
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr("svfit.tuner.layer.thin_svd", counting)
+    svfit.set_svd_cache(tmp_path)
+    try:
+        first = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
+        assert len(calls) == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
+        torch.manual_seed(0)
+        again = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
+        assert len(calls) == 2  # both read from the cache
+        for a, b in zip(_svfit_layers(first), _svfit_layers(again)):
+            assert torch.equal(a.svfit_U["default"], b.svfit_U["default"])
+            assert torch.equal(a.svfit_sigma["default"], b.svfit_sigma["default"])
+        # another threshold is another entry; a corrupt entry is recomputed, with a warning, and rewritten
+        get_peft_model(_MLP(), SVFitConfig(target_modules=["up"], threshold=0.5))
+        assert len(calls) == 3
+        for f in tmp_path.glob("*.safetensors"):
+            f.write_bytes(b"garbage")
+        with pytest.warns(UserWarning, match="unreadable SVD cache entry"):
+            fresh = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
+        assert len(calls) == 5
+        torch.testing.assert_close(_svfit_layers(fresh)[0].svfit_U["default"], _svfit_layers(first)[0].svfit_U["default"])
+    finally:
+        svfit.set_svd_cache(None)
+
+
+def test_without_the_cache_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.delenv("SVFIT_SVD_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    get_peft_model(_MLP(), SVFitConfig(target_modules=["up"]))
+    assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@
 """
 
 from ._version import __version__
+from .core.cache import set_svd_cache
 from .tuner import (
     BaseWeightMismatchError,
     ModuleSummary,
@@ -24,5 +25,6 @@ __all__ = [
     "SVFitModel",
     "__version__",
     "format_summary",
+    "set_svd_cache",
     "summarize",
 ]

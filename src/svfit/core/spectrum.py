@@ -107,15 +107,18 @@ def thin_svd(
         raise ValueError(f"the SVD runs in float32 or float64, got {dtype}")
     if not (W.is_floating_point()):
         raise TypeError(f"cannot take the SVD of a {W.dtype} tensor; dequantize the weight first")
-    A = W.detach().to(device=device if device is not None else W.device, dtype=dtype, copy=True)
+    # no copy when W already has the SVD's dtype and device: the SVD reads its input and never writes it, and a
+    # second copy of the largest matrix is what makes init memory spike
+    A = W.detach().to(device=device if device is not None else W.device, dtype=dtype)
     d_out, d_in = A.shape
     n = min(d_out, d_in)
-    fro2 = float(torch.sum(A.double() ** 2))
 
     if method == "full" or rank == "full":
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         r = resolve_rank(rank, S, information)
+        fro2 = float(torch.sum(S.double() ** 2))  # = ||W||_F^2 given the whole spectrum
         return _truncate(U, S, Vh.mH, r, n, fro2, full_spectrum=True)
+    fro2 = float(torch.linalg.vector_norm(A, dtype=torch.float64) ** 2)
     if method != "lowrank":
         raise ValueError(f"svd method must be 'full' or 'lowrank', got {method!r}")
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core.fingerprint import Fingerprint, fingerprint
+from ..core import cache as svd_cache
 from ..core import paths
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
 from ..core.spectrum import SVD_DTYPES, thin_svd
@@ -179,21 +180,21 @@ class SVFitLayer(BaseTunerLayer):
                 (d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint, randomized
             )
         else:
-            svd = thin_svd(
-                W,
-                rank_spec,
-                config.information,
-                method=config.svd,
-                dtype=SVD_DTYPES[config.svd_dtype],
-                niter=config.svd_niter,
-                oversample=config.svd_oversample,
-                seed=config.svd_seed,
-                device=svd_device,
+            fp = fingerprint(base.weight)
+            settings = dict(
+                method=config.svd, dtype=SVD_DTYPES[config.svd_dtype], niter=config.svd_niter,
+                oversample=config.svd_oversample, seed=config.svd_seed, device=svd_device,
+            )
+            key = svd_cache.cache_key(
+                fp.hash, rank=rank_spec, information=config.information,
+                where=(svd_device or W.device.type), **settings,
+            )
+            svd = svd_cache.cached(
+                key, lambda: thin_svd(W, rank_spec, config.information, **settings), svd_device or W.device
             )
             if svd.r == 0:
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
             U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
-            fp = fingerprint(base.weight)
             info = SpectrumInfo(
                 tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized
             )

@@ -1,0 +1,93 @@
+"""An opt-in on-disk cache of truncated SVDs, keyed by the exact bytes of the weight and the SVD settings.
+
+Re-adapting a base model seen before (another run, another adapter, loading a saved adapter) then reads U_r,
+sigma, V_r from disk instead of factoring every matrix again. Enable it with the environment variable
+``SVFIT_SVD_CACHE=/some/dir`` or ``svfit.set_svd_cache("/some/dir")`` (``None`` turns it off). Entries are plain
+safetensors files written atomically; one that cannot be read is ignored (with a warning) and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .spectrum import TruncatedSVD
+
+ENV_VAR = "SVFIT_SVD_CACHE"
+_UNSET = object()
+_directory: object = _UNSET  # set_svd_cache overrides the environment variable
+
+
+def set_svd_cache(directory: Optional[Union[str, os.PathLike]]) -> None:
+    """Use ``directory`` as the SVD cache from now on in this process (``None``: no cache)."""
+    global _directory
+    _directory = Path(directory).expanduser() if directory is not None else None
+
+
+def svd_cache_dir() -> Optional[Path]:
+    if _directory is not _UNSET:
+        return _directory  # type: ignore[return-value]
+    env = os.environ.get(ENV_VAR)
+    return Path(env).expanduser() if env else None
+
+
+def cache_key(weight_hash: str, **settings) -> str:
+    """A file name for the SVD of the weight with blake2b ``weight_hash`` under ``settings`` (rank spec, method,
+    dtype, randomized-SVD parameters: anything that changes the result)."""
+    blob = json.dumps({"weight": weight_hash, **settings}, sort_keys=True, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
+
+
+def cached(key: str, compute: Callable[[], TruncatedSVD], device: torch.device) -> TruncatedSVD:
+    """``compute()``, or its stored result under ``key`` when the cache is on and has it."""
+    root = svd_cache_dir()
+    if root is None:
+        return compute()
+    path = root / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return _read(path, device)
+        except (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            warnings.warn(f"ignoring unreadable SVD cache entry {path} ({exc}); recomputing it")
+    svd = compute()
+    try:
+        _write(path, svd)
+    except OSError as exc:  # a read-only or full cache must not fail the adaptation itself
+        warnings.warn(f"could not write the SVD cache entry {path}: {exc}")
+    return svd
+
+
+def _read(path: Path, device: torch.device) -> TruncatedSVD:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["svfit"])
+    tensors = load_file(str(path), device=str(device))
+    return TruncatedSVD(
+        U=tensors["U"], S=tensors["S"], V=tensors["V"], n=int(meta["n"]), energy_kept=float(meta["energy_kept"]),
+        nuclear_kept=None if meta["nuclear_kept"] is None else float(meta["nuclear_kept"]),
+        min_gap=float(meta["min_gap"]),
+    )
+
+
+def _write(path: Path, svd: TruncatedSVD) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"n": svd.n, "energy_kept": svd.energy_kept, "nuclear_kept": svd.nuclear_kept, "min_gap": svd.min_gap}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        tensors = {k: t.detach().contiguous().cpu() for k, t in (("U", svd.U), ("S", svd.S), ("V", svd.V))}
+        save_file(tensors, tmp, metadata={"svfit": json.dumps(meta)})
+        os.replace(tmp, path)  # readers see the whole entry or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
