@@ -234,6 +234,81 @@ def inspect(
     _guard(body)
 
 
+@app.command()
+def dreambooth(
+    model: Optional[Path] = typer.Option(
+        None, help="Local diffusers text-to-image pipeline dir (unet/, text_encoder/, tokenizer/, scheduler/, "
+        "optional vae/) [default: the bundled Fashion-MNIST demo]"
+    ),
+    instance_dir: Optional[Path] = typer.Option(
+        None, "--instance-dir", help="Folder of 3-10 photos of the subject [default with the demo: 8 ankle boots]"
+    ),
+    instance_prompt: Optional[str] = typer.Option(
+        None, "--instance-prompt", help="Prompt with a rare token, e.g. 'a photo of sks dog' [demo: 'a photo of sks shoe']"
+    ),
+    class_prompt: Optional[str] = typer.Option(
+        None, "--class-prompt", help="Class prompt for prior preservation, e.g. 'a photo of a dog' [default: none; "
+        "demo: 'a photo of a shoe']"
+    ),
+    method: str = typer.Option("svfit", help="svfit (default) | lora | full"),
+    targets: Optional[str] = typer.Option(
+        None, help="UNet target modules, comma-separated [default: to_q,to_k,to_v,to_out.0]"
+    ),
+    conv: bool = typer.Option(False, "--conv", help="Also adapt the UNet's ResNet 3x3 convolutions (conv1, conv2)"),
+    train_text_encoder: bool = typer.Option(
+        False, "--train-text-encoder", help="Also adapt the text encoder's attention (q/k/v/out_proj)"
+    ),
+    rank: Optional[int] = typer.Option(None, help="lora: rank [default: 4]; svfit: fixed r [default: 0.99 threshold]"),
+    steps: int = typer.Option(200, help="Training steps"),
+    lr: Optional[float] = typer.Option(None, help="Learning rate [default: svfit 1e-2, lora 1e-3, full 5e-5]"),
+    batch_size: int = typer.Option(4, "--batch-size", help="Instance images per step (as many prior images again)"),
+    num_class_images: int = typer.Option(
+        32, "--num-class-images", help="Prior-preservation images the base model generates for --class-prompt"
+    ),
+    prior_weight: float = typer.Option(1.0, "--prior-weight", help="Weight of the prior-preservation loss"),
+    sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps when sampling"),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)"),
+    num_samples: int = typer.Option(8, "--num-samples", help="Samples per row of the grid"),
+    seed: int = typer.Option(0, help="Seed for noise, timesteps and image order"),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: runs/dreambooth-METHOD]"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+):
+    """DreamBooth: teach a text-to-image diffusion model a subject from a few photos and a rare-token prompt.
+
+    Fine-tunes the UNet's attention projections (and optionally its convolutions and the text encoder) with SVFit
+    (LoRA or full fine-tuning as baselines), with prior-preservation loss when --class-prompt is given. Writes
+    OUT/unet_adapter/ (PEFT format), OUT/samples.png (instance images, then samples before and after) and
+    OUT/result.json, atomically. Runs on a GPU when one is present.
+    """
+
+    def body():
+        from .dreambooth.run import RunOptions, run_dreambooth
+        from .dreambooth.train import ATTENTION_TARGETS, METHODS
+
+        if method not in METHODS:
+            raise UserError(f"unknown --method {method!r}; choose from {', '.join(METHODS)}")
+        parsed = _parse_targets(targets)
+        if isinstance(parsed, str):
+            raise UserError("--targets for dreambooth takes comma-separated module names, not re:REGEX")
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        opts = RunOptions(model=model, instance_dir=instance_dir, out=out or Path("runs") / f"dreambooth-{method}",
+                          num_samples=num_samples, overwrite=overwrite or out is None,
+                          progress=not quiet and sys.stderr.isatty())
+        _quiet_libraries()
+        run_dreambooth(opts, dict(
+            instance_prompt=instance_prompt, class_prompt=class_prompt, method=method,
+            targets=tuple(parsed) if parsed else ATTENTION_TARGETS, conv=conv, train_text_encoder=train_text_encoder,
+            rank=rank, steps=steps, lr=lr, batch_size=batch_size, num_class_images=num_class_images,
+            prior_weight=prior_weight, seed=seed, sample_steps=sample_steps, guidance=guidance,
+        ), echo=typer.echo)
+
+    _guard(body)
+
+
 @app.command("list")
 def list_():
     """List the tasks and methods."""
