@@ -46,7 +46,13 @@ def test_cost_quick(tmp_path):
     for f in files:
         data = _load(f)
         methods = data["train_info"]["methods"]
-        assert set(methods) == {"svfit", "svfit-full", "lora-r8"}
+        assert set(methods) == {"svfit", "svfit-reference", "svfit-full", "svft", "lora-r8"}
+        svft = methods.pop("svft")  # time and memory only
+        assert _positive(svft["step_time_median_s"]) and _positive(svft["init_s"])
+        assert svft["trainable_params"] == sum(svft["ranks"]) == methods["svfit-full"]["trainable_params"]
+        # SVFT keeps both full bases; SVFit keeps the r_kept columns of each
+        assert svft["adapter_tensor_bytes"] > methods["svfit"]["adapter_tensor_bytes"]
+        assert _positive(methods["svfit"]["cache_reinit_s"])
         for m, v in methods.items():
             assert len(v["step_times_s"]) == data["run_info"]["steps_timed"]
             assert _positive(v["step_time_median_s"]) and v["step_time_iqr_s"] >= 0
@@ -61,7 +67,7 @@ def test_cost_quick(tmp_path):
             if m.startswith("svfit"):
                 assert _positive(v["svd_floor_s"]) and len(v["ranks"]) == v["svd_matrices"]
                 assert sum(v["ranks"]) == v["trainable_params"]
-        for m in ("svfit", "svfit-full"):
+        for m in ("svfit", "svfit-reference", "svfit-full"):
             ratios = data["train_info"]["ratios_vs_lora_r8"][m]
             for key in ("step_time_median_s", "saved_activation_bytes", "init_s", "load_s", "adapter_file_bytes",
                         "trainable_params", "init_over_svd_floor"):
@@ -72,6 +78,7 @@ def test_cost_quick(tmp_path):
     text = cost.section(tmp_path, tmp_path / "plots")
     _check_section(text, tmp_path, ["cost_ratios.png"])
     assert "tiny-bert-qv" in text and "tiny-llama-all" in text and "Quick run" in text
+    assert "Goals of the fast paths" in text and "SVFT-style" in text
 
 
 def test_scaling_quick(tmp_path):
