@@ -14,7 +14,7 @@ from svfit.train.results import meta_info, now_iso, system_info, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("params", "quality", "cost", "scaling")  # cost and scaling time things: they run last, alone
+PARTS = ("params", "quality", "dreambooth", "cost", "scaling")  # cost and scaling time things: they run last, alone
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
