@@ -76,6 +76,13 @@ def check_supported_weight(module: nn.Module, name: str = "") -> None:
     where = f"'{name}'" if name else type(module).__name__
     cls = type(module)
     weight = getattr(module, "weight", None)
+    if weight is not None and (_is_dtensor(weight) or hasattr(weight, "ds_id")):
+        kind = "an FSDP2/tensor-parallel DTensor" if _is_dtensor(weight) else "a DeepSpeed ZeRO-3 partition"
+        raise TypeError(
+            f"SVFit cannot adapt {where}: its weight is already sharded ({kind}). The SVD needs the whole weight, "
+            "and the trained singular values must be sharded and reduced by the same engine as the rest: apply "
+            "get_peft_model first, then shard (fully_shard / accelerate.prepare / deepspeed.initialize)."
+        )
     reason = None
     if cls.__module__.startswith(_QUANTIZED_MODULE_PREFIXES):
         reason = f"it is a {cls.__module__}.{cls.__name__} layer"
@@ -510,6 +517,14 @@ class Embedding(nn.Module, SVFitLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._svfit_forward(x, *args, **kwargs)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _under_init_empty_weights() -> bool:

@@ -1,0 +1,96 @@
+"""SVFit under FSDP2 (torch.distributed.fsdp.fully_shard) with 2 CPU processes over gloo.
+
+The supported order is PEFT's: adapt first (the SVD sees whole weights), then shard. FSDP then shards the singular
+values like any parameter, all-gathers the base weights for each forward, and averages gradients across ranks, so
+every compute path must give the single-process gradient. A model that is already sharded gets a clear error.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+pytest.importorskip("torch.distributed.fsdp")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch without gloo", allow_module_level=True)
+
+PATHS = ("reference", "merged", "input", "output")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _batch():
+    torch.manual_seed(1)
+    return torch.randn(8, 16)
+
+
+def _config(path):
+    import svfit
+
+    return svfit.SVFitConfig(target_modules=["0", "2"], init_weights=False, compute_path=path)
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from peft import get_peft_model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        result = {}
+        for path in PATHS:
+            model = get_peft_model(_model(), _config(path))
+            inner = model.base_model.model
+            for i in (0, 2):
+                fully_shard(inner[i], mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            x = _batch().chunk(world)[rank]
+            model(x).square().sum().backward()
+            result[path] = {
+                n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad
+            }
+            result[path + " used"] = {inner[0].compute_path_for(x)[0], 
+                                   inner[2].compute_path_for(torch.zeros(x.shape[0], 32))[0]}
+        sharded = _model()
+        fully_shard(sharded, mesh=mesh)
+        try:
+            get_peft_model(sharded, _config("auto"))
+            result["error"] = None
+        except TypeError as exc:
+            result["error"] = str(exc)
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2_two_cpu_processes_give_the_single_process_gradients(tmp_path):
+    from peft import get_peft_model
+
+    out = tmp_path / "grads.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    sharded = torch.load(out)
+    for path in PATHS:
+        model = get_peft_model(_model(), _config(path))
+        (model(_batch()).square().sum() / 2).backward()  # FSDP averages the 2 ranks' gradients
+        expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert sharded[path + " used"] == {path}  # the fast path itself ran under FSDP, not a fallback
+        assert set(sharded[path]) == set(expected) and expected
+        for name, grad in expected.items():
+            torch.testing.assert_close(sharded[path][name], grad, atol=1e-5, rtol=1e-5)
+    assert "already sharded" in sharded["error"] and "apply get_peft_model first" in sharded["error"]
