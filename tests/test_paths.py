@@ -255,3 +255,79 @@ def test_without_the_cache_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     get_peft_model(_MLP(), SVFitConfig(target_modules=["up"]))
     assert list(tmp_path.iterdir()) == []
+
+
+# -- convolutions ----------------------------------------------------------------------------------------------------
+
+
+def _conv_factors(dtype=torch.float32, r=6):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, dilation=1).to(dtype)
+    svd = thin_svd(conv.weight.detach().reshape(8, -1), r, dtype=dtype)
+    c = 0.3 * svd.S * torch.randn(r, dtype=dtype)
+    return conv, svd.U, svd.V, c
+
+
+def _conv_reference(conv, x, c, U, V):
+    h = F.conv2d(x, V.T.reshape(-1, *conv.weight.shape[1:]), None, conv.stride, conv.padding, conv.dilation)
+    return conv(x) + F.conv2d(h * c.reshape(1, -1, 1, 1), U.reshape(*U.shape, 1, 1))
+
+
+def test_merged_conv_matches_the_reference_branch_and_is_exact_at_zero():
+    conv, U, V, c = _conv_factors()
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    c = c.requires_grad_(True)
+    merged = lambda x, c: paths.merged_conv(x, c, conv.weight, conv.bias, U, V, stride=conv.stride,  # noqa: E731
+                                            padding=conv.padding, dilation=conv.dilation)
+    y, y_ref = merged(x, c), _conv_reference(conv, x, c, U, V)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    for a, e in zip(torch.autograd.grad(y, (x, c), g), torch.autograd.grad(y_ref, (x, c), g)):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(merged(x, torch.zeros_like(c)), conv(x))
+
+
+def test_merged_conv_gradients_match_finite_differences_in_float64():
+    conv, U, V, c = _conv_factors(torch.float64, r=4)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    bias = conv.bias.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, c, b: paths.merged_conv(x, c, conv.weight.detach(), b, U, V, stride=conv.stride,
+                                          padding=conv.padding, dilation=conv.dilation),
+        (x, c.requires_grad_(True), bias),
+    )
+
+
+class _ConvNet(nn.Module):
+    def __init__(self, padding_mode="zeros"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, padding_mode=padding_mode)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv_layers_merge_when_they_can_and_match_the_reference(padding_mode):
+    x = torch.randn(4, 3, 12, 12)
+    fast = get_peft_model(_ConvNet(padding_mode), SVFitConfig(target_modules=["conv"], compute_path="merged",
+                                                              init_weights=False))
+    torch.manual_seed(0)
+    ref = get_peft_model(_ConvNet(padding_mode), SVFitConfig(target_modules=["conv"], compute_path="reference",
+                                                             init_weights=False))
+    for m in (fast, ref):
+        layer = _svfit_layers(m)[0]
+        layer.svfit_vector["default"].data = 0.1 * torch.arange(layer.svfit_vector["default"].numel()).float()
+    expected_path = "merged" if padding_mode == "zeros" else "reference"  # reflect padding is not merged
+    assert _svfit_layers(fast)[0].compute_path_for(x)[0] == expected_path
+    out, out_ref = fast(x), ref(x)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    out_ref.sum().backward()
+    torch.testing.assert_close(_svfit_layers(fast)[0].svfit_vector["default"].grad,
+                               _svfit_layers(ref)[0].svfit_vector["default"].grad, atol=1e-4, rtol=1e-4)
+    auto = get_peft_model(_ConvNet(), SVFitConfig(target_modules=["conv"]))
+    assert _svfit_layers(auto)[0].compute_path_for(torch.randn(64, 3, 32, 32))[0] == "merged"  # many positions

@@ -164,6 +164,55 @@ def merged_linear(x, c, weight, bias, U, V, *, transposed: bool = False, sigma_g
     return MergedLinear.apply(x, c, weight, bias, U, V, transposed, sigma_grad)
 
 
+class MergedConv(Function):
+    """conv(x, W') with W' = W0 + reshape(U diag(c) V^T) for a groups=1 convolution with zero padding; the
+    singular-value gradient comes from the kernel gradient, which convolution_backward gives with the input's."""
+
+    @staticmethod
+    def forward(ctx, x, c, weight, bias, U, V, stride, padding, dilation):
+        W = weight + _delta(U, c, V).reshape(weight.shape).to(weight.dtype)
+        y = torch.convolution(x, W, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+        ctx.conv = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, c, weight, U, V)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, c, weight, U, V = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv
+        need_x, need_c, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        with _no_autocast(g.device.type):
+            W = (weight + _delta(U, c, V).reshape(weight.shape).to(weight.dtype)).to(g.dtype)
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                g, x.to(g.dtype), W, [W.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
+                [0] * len(stride), 1, [need_x, need_c, need_b and ctx.has_bias],
+            )
+            grad_c = None
+            if need_c:
+                G = grad_w.reshape(W.shape[0], -1).float()
+                grad_c = ((U.float().T @ G) * V.float().T).sum(1).to(c.dtype)
+        return (grad_x.to(x.dtype) if need_x else None), grad_c, None, (grad_b if need_b else None), None, None, \
+            None, None, None
+
+
+def merged_conv(x, c, weight, bias, U, V, *, stride, padding, dilation):
+    """The ``merged`` path of a groups=1 convolution (numeric zero padding) whose kernel was factored as a
+    (c_out, c_in * prod(kernel)) matrix."""
+    return MergedConv.apply(x, c, weight, bias, U, V, list(stride), list(padding), list(dilation))
+
+
+def conv_path_costs(tokens: int, d_in: int, d_out: int, r: int) -> dict[str, float]:
+    """Extra flops of a training step for a convolution with ``tokens`` output positions (batch x spatial),
+    d_in = c_in * prod(kernel), d_out = c_out: the reference branch (a conv with r kernels and a 1x1 conv, and their
+    backward) or ``merged`` (σ-gradient from the kernel gradient)."""
+    T = tokens
+    return {
+        "reference": float(T * r * (d_in + d_out) * 2),
+        "merged": float(2 * r * d_in * d_out + T * d_in * d_out + r * d_in * d_out),
+    }
+
+
 # -- one basis ---------------------------------------------------------------------------------------------------
 
 

@@ -350,6 +350,32 @@ class SVFitLayer(BaseTunerLayer):
             result = result.index_add(0, idx, self._branch(x[idx], name).to(result.dtype))
         return result
 
+    # -- fast paths (svfit.core.paths) ---------------------------------------------------------------------------
+
+    def _fast_path_adapter(self, x: torch.Tensor, args, kwargs) -> Optional[str]:
+        """The one adapter a fast path may serve in this call, or None. The fast paths serve the common case, one
+        active adapter; several adapters, mixed batches, merged or disabled adapters take the reference branch."""
+        if args or kwargs.get("adapter_names") is not None or set(kwargs) - {"adapter_names"}:
+            return None
+        if self.disable_adapters or self.merged:
+            return None
+        active = [n for n in self.active_adapters if n in self.svfit_vector]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if self.svfit_compute_path.get(name, "auto") == "reference" or self.svfit_info[name].r == 0:
+            return None
+        return name if x.is_floating_point() else None
+
+    def _plain_base(self, types: tuple) -> bool:
+        """The base is exactly one of ``types``, with no hooks a fused computation would skip, and frozen."""
+        base = self.get_base_layer()
+        return (
+            type(base) in types
+            and not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
+            and not base.weight.requires_grad
+        )
+
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
 
@@ -398,44 +424,28 @@ class Linear(nn.Module, SVFitLayer):
         return paths.project_output(base(x), s, U, base.bias)
 
     def compute_path_for(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[str, Optional[str]]:
-        """(path, adapter) this call would take: one of ``svfit.core.paths.COMPUTE_PATHS`` but "auto".
-
-        The fast paths serve the common case, one active adapter on a plain layer; everything else (several
-        adapters, mixed batches, merged or disabled adapters, hooks or a trainable base weight) takes the
-        reference side branch.
-        """
-        if args or kwargs.get("adapter_names") is not None or set(kwargs) - {"adapter_names"}:
+        """(path, adapter) this call would take: one of ``svfit.core.paths.COMPUTE_PATHS`` but "auto". Hooks on the
+        base layer or a trainable base weight keep the reference branch (a merged matmul would skip them)."""
+        name = self._fast_path_adapter(x, args, kwargs)
+        if name is None:
             return "reference", None
-        if self.disable_adapters or self.merged:
-            return "reference", None
-        active = [n for n in self.active_adapters if n in self.svfit_vector]
-        if len(active) != 1:
-            return "reference", None
-        name = active[0]
-        wanted = self.svfit_compute_path.get(name, "auto")
-        if wanted == "reference" or self.svfit_info[name].r == 0 or not x.is_floating_point():
-            return "reference", name
         base = self.get_base_layer()
-        plain = type(base) in (nn.Linear, Conv1D) and not (
-            base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook")
-        )
-        allow_merged = plain and not base.weight.requires_grad
-        one_basis = self._one_basis_ok(name)
+        plain = self._plain_base((nn.Linear, Conv1D))
+        one_basis = plain and self._one_basis_ok(name)
+        wanted = self.svfit_compute_path.get(name, "auto")
         if wanted != "auto":
-            usable = allow_merged if wanted == "merged" else (one_basis and (wanted == "input" or plain))
-            return (wanted if usable else "reference"), name
-        # in half precision a merged weight would round small updates away; the side paths keep them
-        allow_merged = allow_merged and base.weight.dtype in (torch.float32, torch.float64)
+            return (wanted if (plain if wanted == "merged" else one_basis) else "reference"), name
         # Chosen from shapes alone (costed as a training step), never from grad mode: the same input then gives the
-        # same bits in training, in eval and after a save/load round trip.
+        # same bits in training, in eval and after a save/load round trip. In half precision a merged weight would
+        # round small updates away; the side paths keep them.
         path = paths.choose_path(
             x.numel() // self.in_features,
             self.in_features,
             self.out_features,
             self.svfit_info[name].r,
             training=True,
-            one_basis=one_basis and plain,
-            allow_merged=allow_merged,
+            one_basis=one_basis,
+            allow_merged=plain and base.weight.dtype in (torch.float32, torch.float64),
         )
         return path, name
 
@@ -490,7 +500,42 @@ class Conv(nn.Module, SVFitLayer):
         return self._conv_nd(h.to(U.dtype), U.reshape(*U.shape, *([1] * (h.dim() - 2))))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._svfit_forward(x, *args, **kwargs)
+        path, name = self.compute_path_for(x, *args, **kwargs)
+        if path != "merged":
+            return self._svfit_forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return paths.merged_conv(
+            x, self.singular_value_shift(name), base.weight, base.bias, self.svfit_U[name], self.svfit_V[name],
+            stride=base.stride, padding=base.padding, dilation=base.dilation,
+        )
+
+    def compute_path_for(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[str, Optional[str]]:
+        """"merged" or "reference" (the one-basis paths are not offered for convolutions). Merging needs a batched
+        input and numeric zero padding, as ``torch.convolution`` takes it."""
+        name = self._fast_path_adapter(x, args, kwargs)
+        if name is None:
+            return "reference", None
+        base = self.get_base_layer()
+        ok = (
+            self._plain_base((nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and base.padding_mode == "zeros"
+            and not isinstance(base.padding, str)
+            and x.dim() == base.weight.dim()
+        )
+        wanted = self.svfit_compute_path.get(name, "auto")
+        if not ok or wanted in ("input", "output"):
+            return "reference", name
+        if wanted == "merged":
+            return "merged", name
+        if base.weight.dtype not in (torch.float32, torch.float64):
+            return "reference", name
+        out_positions = x.shape[0]
+        for size, k, s, p, d in zip(x.shape[2:], base.kernel_size, base.stride, base.padding, base.dilation):
+            out_positions *= max((size + 2 * p - d * (k - 1) - 1) // s + 1, 0)
+        costs = paths.conv_path_costs(
+            out_positions, self.svfit_V[name].shape[0], base.out_channels, self.svfit_info[name].r
+        )
+        return min(costs, key=costs.get), name
 
 
 class Embedding(nn.Module, SVFitLayer):
