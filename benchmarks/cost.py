@@ -48,6 +48,7 @@ from typing import Any
 
 NAME = "cost"
 REFERENCE = "lora-r8"
+BEFORE = "cost-before"  # results of the last run before the fast paths, kept for the before/after table
 CALL_TIMEOUT_S = 1200  # one command of a worker (a setup, a step, the finish); a hung worker must not hang the run
 METHODS: dict[str, dict[str, Any]] = {
     "svfit": {"kind": "svfit", "label": "SVFit (99% energy, default)"},
@@ -697,8 +698,8 @@ def _worker_entry(conn, case: dict, method: str) -> None:
 # report
 
 
-def _load_results(results: Path) -> list[dict]:
-    files = sorted((Path(results) / NAME).glob("*.json"))
+def _load_results(results: Path, folder: str = NAME) -> list[dict]:
+    files = sorted((Path(results) / folder).glob("*.json"))
     out = []
     for f in files:
         try:
@@ -770,7 +771,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
                      f"{ri['batch']['seq_len']} | {ri['steps_timed']} (+{ri['warmup_steps']}) | "
                      f"{', '.join(map(str, threads)) or '–'} | {load_txt} |")
     lines.append("")
-    lines.extend(_goals(done))
+    lines.extend(_goals(done, Path(results)))
     # ratio table
     lines.append("| case | batch | method | " + " | ".join(v[0] for v in RATIO_KEYS.values()) + " | init / SVD floor |")
     lines.append("|---|---|---|" + "---|" * (len(RATIO_KEYS) + 1))
@@ -821,35 +822,42 @@ def _verdict(value, limit) -> str:
     return f"{value:.2f} {'✅ met' if value <= limit else '❌ not met'}"
 
 
-def _goals(done: list[dict]) -> list[str]:
-    """Issue #6's goals, before (reference side branch) and after (default fast paths), from the same runs."""
+def _goals(done: list[dict], results: Path) -> list[str]:
+    """Issue #6's goals: before (the reference side branch, same run; and the run before the change, kept in
+    ``cost-before/``) and after (default fast paths)."""
+    earlier = {r["run_info"]["case"]: r for r in _load_results(results, BEFORE)}
     lines = ["### Goals of the fast paths (before → after)", "",
-             "Before: SVFit's reference side branch ((x V_r) ⊙ c) U_rᵀ; after: the default `compute_path=\"auto\"`. "
-             "Both measured in the same run as LoRA r=8.", "",
-             "| case | measurement | goal | before | after |", "|---|---|---|---|---|"]
+             "After: the default `compute_path=\"auto\"`. Before, same run: SVFit's reference side branch "
+             "((x V_r) ⊙ c) U_rᵀ, measured next to it and LoRA r=8. Before, earlier run: the committed results of the "
+             "last run before the fast paths and the init changes (`benchmarks/results/cost-before/`, same machine; "
+             "only its ratios are comparable, not its absolute times).", "",
+             "| case | measurement | goal | before (earlier run) | before (same run) | after |", "|---|---|---|---|---|---|"]
     for r in done:
         ri, ti = r["run_info"], r["train_info"]
         ratios = ti["ratios_vs_lora_r8"]
         kind = ri["case"].rsplit("-", 1)[-1]
         after, before = ratios.get("svfit", {}), ratios.get("svfit-reference", {})
+        old = earlier.get(ri["case"], {}).get("train_info", {}).get("ratios_vs_lora_r8", {}).get("svfit", {})
         for key, limit in GOALS.get(kind, {}).items():
             lines.append(f"| {ri['case']} | {RATIO_KEYS[key][0]} / LoRA | ≤ {limit:.2f} | "
-                         f"{_verdict(before.get(key), limit)} | {_verdict(after.get(key), limit)} |")
+                         f"{_verdict(old.get(key), limit)} | {_verdict(before.get(key), limit)} | "
+                         f"{_verdict(after.get(key), limit)} |")
         lines.append(f"| {ri['case']} | cold init / SVD floor | ≤ {INIT_GOAL:.2f} | "
+                     f"{_verdict(old.get('init_over_svd_floor'), INIT_GOAL)} | "
                      f"{_verdict(before.get('init_over_svd_floor'), INIT_GOAL)} | "
                      f"{_verdict(after.get('init_over_svd_floor'), INIT_GOAL)} |")
         reinit = ti["methods"].get("svfit", {}).get("cache_reinit_s")
         if reinit is not None:
-            lines.append(f"| {ri['case']} | re-init from the SVD cache (s) | ≤ {CACHE_GOAL_S:.1f} s | – | "
+            lines.append(f"| {ri['case']} | re-init from the SVD cache (s) | ≤ {CACHE_GOAL_S:.1f} s | – | – | "
                          f"{_verdict(reinit, CACHE_GOAL_S)} |")
         merged = ti["methods"].get("svfit", {}).get("merged_forward_over_base")
         if merged is not None:
-            lines.append(f"| {ri['case']} | merged inference / base | = 1 (noise ±5%) | – | {merged:.2f} |")
+            lines.append(f"| {ri['case']} | merged inference / base | = 1 (noise ±5%) | – | – | {merged:.2f} |")
         svft = ti["methods"].get("svft")
         ours = ti["methods"].get("svfit")
         if svft and ours:
             lines.append(
-                f"| {ri['case']} | SVFit vs SVFT-style: step time, adapter tensors | < 1 | – | "
+                f"| {ri['case']} | SVFit / SVFT-style: step time, adapter tensors | < 1 | – | – | "
                 f"{_fmt_ratio(_ratio(ours['step_time_median_s'], svft['step_time_median_s']))}, "
                 f"{_fmt_ratio(_ratio(ours.get('adapter_tensor_bytes'), svft.get('adapter_tensor_bytes')))} |")
     lines.append("")

@@ -78,7 +78,7 @@ def test_cost_quick(tmp_path):
     text = cost.section(tmp_path, tmp_path / "plots")
     _check_section(text, tmp_path, ["cost_ratios.png"])
     assert "tiny-bert-qv" in text and "tiny-llama-all" in text and "Quick run" in text
-    assert "Goals of the fast paths" in text and "SVFT-style" in text
+    assert "Goals of the fast paths" in text and "SVFT-style" in text and "before (same run)" in text
 
 
 def test_scaling_quick(tmp_path):
