@@ -331,3 +331,119 @@ def test_conv_layers_merge_when_they_can_and_match_the_reference(padding_mode):
                                _svfit_layers(ref)[0].svfit_vector["default"].grad, atol=1e-4, rtol=1e-4)
     auto = get_peft_model(_ConvNet(), SVFitConfig(target_modules=["conv"]))
     assert _svfit_layers(auto)[0].compute_path_for(torch.randn(64, 3, 32, 32))[0] == "merged"  # many positions
+
+
+# -- where the fast paths must step aside or stay exact (from review) -----------------------------------------------
+
+
+def test_svfit_on_top_of_another_adapter_keeps_that_adapter_on_every_path():
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    lora = inject_adapter_in_model(LoraConfig(target_modules=["up"], init_lora_weights=False, r=4), _MLP())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = lora(x)
+    for path in ("auto", "merged", "input", "output"):
+        model = get_peft_model(copy.deepcopy(lora), SVFitConfig(target_modules=["up"], compute_path=path))
+        layer = _svfit_layers(model)[0]
+        assert layer.compute_path_for(x)[0] == "reference"  # a fused matmul would skip the LoRA in between
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)
+
+
+def test_a_model_built_under_inference_mode_runs_every_path():
+    x = torch.randn(5, 16)
+    with torch.inference_mode():
+        for path in ("auto", "merged", "input", "output"):
+            model = _adapted(path)
+            assert model(x).shape == (5, 16)
+
+
+@pytest.mark.parametrize("compute_path", ["auto", "merged"])
+def test_torch_compile_traces_the_fast_paths_in_one_graph(compute_path):
+    model = _adapted(compute_path)
+    x = torch.randn(4, 16)
+    eager = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: any graph break fails
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.sum().backward()
+    assert all(layer.svfit_vector["default"].grad is not None for layer in _svfit_layers(model))
+
+
+def test_one_basis_paths_are_not_offered_after_a_randomized_svd():
+    model = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], r=6, svd="lowrank",
+                                               compute_path="input"))
+    assert {layer.compute_path_for(torch.randn(1, 16))[0] for layer in _svfit_layers(model)} == {"reference"}
+
+
+def test_merged_conv_is_bit_exact_at_init_under_cpu_autocast():
+    base = _ConvNet()
+    model = get_peft_model(_ConvNet(), SVFitConfig(target_modules=["conv"], compute_path="merged"))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.equal(model(x), base(x))
+
+
+def test_double_backward_through_a_fast_path_raises_instead_of_dropping_terms():
+    model = _adapted("output")
+    x = torch.randn(3, 16, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with"):
+        grad_x.sum().backward()
+
+
+def test_backward_hooks_on_the_base_keep_the_reference_path():
+    model = _adapted("merged")
+    layer = _svfit_layers(model)[0]
+    fired = []
+    layer.get_base_layer().register_full_backward_hook(lambda *a: fired.append(1))
+    assert layer.compute_path_for(torch.randn(2, 16))[0] == "reference"
+    model(torch.randn(2, 16, requires_grad=True)).sum().backward()
+    assert fired
+
+
+def test_svd_cache_keeps_linear_and_conv1d_with_the_same_bytes_apart(tmp_path):
+    import svfit
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(8, 8)
+            self.c1d = Conv1D(8, 8)
+            self.c1d.weight.data.copy_(self.lin.weight.data)  # same bytes, transposed meaning
+
+        def forward(self, x):
+            return self.c1d(self.lin(x))
+
+    svfit.set_svd_cache(tmp_path)
+    try:
+        for _ in range(2):  # the second pass reads every factorisation from the cache
+            model = get_peft_model(Two(), SVFitConfig(target_modules=["lin", "c1d"]))
+            for layer in _svfit_layers(model):
+                W = layer._weight_matrix().detach()
+                U, S, V = (layer.svfit_U["default"], layer.svfit_sigma["default"], layer.svfit_V["default"])
+                torch.testing.assert_close(U.T @ W @ V, torch.diag(S), atol=1e-5, rtol=1e-5)
+    finally:
+        svfit.set_svd_cache(None)
+
+
+def test_svd_cache_serves_the_reload_of_a_threshold_adapter(tmp_path, monkeypatch):
+    import svfit
+    from peft import PeftModel
+
+    svfit.set_svd_cache(tmp_path / "cache")
+    try:
+        model = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
+        model.save_pretrained(tmp_path / "adapter")
+        monkeypatch.setattr("svfit.tuner.layer.thin_svd", lambda *a, **k: pytest.fail("SVD recomputed on reload"))
+        loaded = PeftModel.from_pretrained(_MLP(), tmp_path / "adapter")  # recorded int ranks hit the cache
+        x = torch.randn(2, 16)
+        assert torch.equal(loaded(x), model(x))
+    finally:
+        svfit.set_svd_cache(None)

@@ -47,19 +47,35 @@ def cache_key(weight_hash: str, **settings) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
 
 
-def cached(key: str, compute: Callable[[], TruncatedSVD], device: torch.device) -> TruncatedSVD:
-    """``compute()``, or its stored result under ``key`` when the cache is on and has it."""
+_READ_ERRORS = (OSError, SafetensorError, KeyError, ValueError, TypeError, json.JSONDecodeError)
+
+
+def cached(
+    key: str, compute: Callable[[], TruncatedSVD], device: torch.device, rank_key: Optional[Callable[[int], str]] = None
+) -> TruncatedSVD:
+    """``compute()``, or its stored result under ``key`` when the cache is on and has it.
+
+    ``rank_key(r)``, when given, is the key the same computation has with the rank given as the integer r (an exact
+    SVD truncated at r is the same whether r came from a threshold or was fixed): the entry is stored under it and
+    ``key`` becomes a small alias naming r, so that reloading a saved adapter, which passes its recorded r, hits.
+    """
     root = svd_cache_dir()
     if root is None:
         return compute()
     path = root / f"{key}.safetensors"
-    if path.is_file():
-        try:
+    alias = root / f"{key}.rank.json"
+    try:
+        if rank_key is not None and alias.is_file():
+            path = root / f"{rank_key(int(json.loads(alias.read_text())['r']))}.safetensors"
+        if path.is_file():
             return _read(path, device)
-        except (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError) as exc:
-            warnings.warn(f"ignoring unreadable SVD cache entry {path} ({exc}); recomputing it")
+    except _READ_ERRORS as exc:
+        warnings.warn(f"ignoring unreadable SVD cache entry {path} ({exc}); recomputing it")
     svd = compute()
     try:
+        if rank_key is not None:
+            path = root / f"{rank_key(svd.r)}.safetensors"
+            _write_atomic(alias, lambda tmp: Path(tmp).write_text(json.dumps({"r": svd.r})))
         _write(path, svd)
     except OSError as exc:  # a read-only or full cache must not fail the adaptation itself
         warnings.warn(f"could not write the SVD cache entry {path}: {exc}")
@@ -80,13 +96,17 @@ def _read(path: Path, device: torch.device) -> TruncatedSVD:
 
 
 def _write(path: Path, svd: TruncatedSVD) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"n": svd.n, "energy_kept": svd.energy_kept, "nuclear_kept": svd.nuclear_kept, "min_gap": svd.min_gap}
+    tensors = {k: t.detach().contiguous().cpu() for k, t in (("U", svd.U), ("S", svd.S), ("V", svd.V))}
+    _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"svfit": json.dumps(meta)}))
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        tensors = {k: t.detach().contiguous().cpu() for k, t in (("U", svd.U), ("S", svd.S), ("V", svd.V))}
-        save_file(tensors, tmp, metadata={"svfit": json.dumps(meta)})
+        write(tmp)
         os.replace(tmp, path)  # readers see the whole entry or none
     finally:
         if os.path.exists(tmp):

@@ -28,6 +28,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 ComputePath = Literal["auto", "reference", "merged", "input", "output"]
 COMPUTE_PATHS = ("auto", "reference", "merged", "input", "output")
@@ -50,7 +51,8 @@ def path_costs(
             "merged": r * d_in * d_out * (2 if input_grad else 1) + merged_sigma_grad_cost(T, d_in, d_out, r)[1],
         }
         if one_basis:
-            costs["input"] = 2 * T * r * d_in + T * r * d_in + (T * r * d_in if input_grad else 0)
+            # input: the base must backprop into x' for the sigma gradient even when x itself needs none
+            costs["input"] = 2 * T * r * d_in + T * r * d_in + (T * r * d_in if input_grad else T * d_in * d_out)
             costs["output"] = 2 * T * r * d_out + T * r * d_out + (T * r * d_out if input_grad else 0)
     else:
         costs = {"reference": T * r * (d_in + d_out), "merged": r * d_in * d_out}
@@ -70,12 +72,15 @@ def merged_sigma_grad_cost(tokens: int, d_in: int, d_out: int, r: int) -> tuple[
 
 def choose_path(
     tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True,
-    allow_merged: bool = True,
+    allow_merged: bool = True, allowed: Optional[set] = None,
 ) -> str:
-    """The cheapest path by ``path_costs`` (ties go to the earlier of reference, merged, input, output)."""
+    """The cheapest path by ``path_costs`` among ``allowed`` (default: all; ``reference`` always is), ties going to
+    the earlier of reference, merged, input, output."""
     costs = path_costs(tokens, d_in, d_out, r, training=training, input_grad=input_grad, one_basis=one_basis)
     if not allow_merged:
         costs.pop("merged")
+    if allowed is not None:
+        costs = {k: v for k, v in costs.items() if k in allowed or k == "reference"}
     return min(costs, key=costs.get)
 
 
@@ -132,6 +137,7 @@ class MergedLinear(Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no second-order terms: a double backward raises rather than drop them silently
     def backward(ctx, g):
         saved, c, weight, U, V = ctx.saved_tensors
         grad_x = grad_c = grad_bias = None
@@ -141,6 +147,7 @@ class MergedLinear(Function):
             if ctx.needs_input_grad[0]:
                 W = _merged_weight(weight, U, c, V, ctx.transposed).to(g.dtype)
                 gx = g2 @ (W.T if ctx.transposed else W)
+                del W  # not alive next to the weight gradient below
                 grad_x = gx.reshape(*ctx.x_shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
                 if ctx.sigma_grad == "tokens":
@@ -171,13 +178,15 @@ class MergedConv(Function):
     @staticmethod
     def forward(ctx, x, c, weight, bias, U, V, stride, padding, dilation):
         W = weight + _delta(U, c, V).reshape(weight.shape).to(weight.dtype)
-        y = torch.convolution(x, W, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]  # what the base's forward calls, also under autocast
+        y = conv(x, W, bias, stride, padding, dilation, 1)
         ctx.conv = (stride, padding, dilation)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, c, weight, U, V)
         return y
 
     @staticmethod
+    @once_differentiable  # no second-order terms: a double backward raises rather than drop them silently
     def backward(ctx, g):
         x, c, weight, U, V = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
@@ -227,6 +236,7 @@ class _Project(Function):
         return z
 
     @staticmethod
+    @once_differentiable  # no second-order terms: a double backward raises rather than drop them silently
     def backward(ctx, g):
         h, s, B = ctx.saved_tensors
         Bg = B.to(g.dtype)
@@ -250,6 +260,7 @@ class _ProjectOutput(Function):
         return z
 
     @staticmethod
+    @once_differentiable  # no second-order terms: a double backward raises rather than drop them silently
     def backward(ctx, g):
         h, s, B = ctx.saved_tensors
         Bg = B.to(g.dtype)

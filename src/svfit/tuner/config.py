@@ -66,8 +66,10 @@ class SVFitConfig(PeftConfig):
             see ``svfit.core.paths``). ``"auto"`` (default) picks the cheapest per call by a flop model: usually
             ``"merged"`` in training (forms W0 + U_r diag(c) V_r^T once per step and runs one matmul, like the
             base) and a one-basis side path (``"input"``/``"output"``) for few tokens. ``"reference"`` is the
-            straightforward side branch ((x V_r) * c) U_r^T. In half-precision weights ``auto`` never merges (the
-            update could round away in a bf16 weight); naming ``"merged"`` forces it.
+            straightforward side branch ((x V_r) * c) U_r^T. With half-precision weights ``auto`` uses only
+            ``output`` or ``reference`` (``merged``/``input`` would round a small update into a bf16 weight or
+            input); naming a path forces it where it applies. The fast paths are once-differentiable and have no
+            vmap rule: for double backward or ``torch.func`` per-sample gradients use ``"reference"``.
 
     Recorded at injection (do not set by hand):
         resolved_ranks: the r chosen for every adapted module; reused verbatim on reload, since re-thresholding a

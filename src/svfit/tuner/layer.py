@@ -132,6 +132,8 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_nonneg: dict[str, bool] = {}
         self.svfit_bases_dtype: dict[str, str] = {}
         self.svfit_compute_path: dict[str, str] = {}
+        self._one_basis: dict[str, bool] = {}
+        self.register_load_state_dict_post_hook(_after_state_dict_load)  # sigma may arrive with a checkpoint
         self._disable_adapters = False
         self.merged_adapters = []  # rebind: the class-level list would be shared by every layer
         self.kwargs = kwargs
@@ -192,12 +194,18 @@ class SVFitLayer(BaseTunerLayer):
                 method=config.svd, dtype=SVD_DTYPES[config.svd_dtype], niter=config.svd_niter,
                 oversample=config.svd_oversample, seed=config.svd_seed, device=svd_device,
             )
-            key = svd_cache.cache_key(
-                fp.hash, rank=rank_spec, information=config.information,
-                where=(svd_device or W.device.type), **settings,
-            )
+            # the factored matrix is identified by the stored weight's bytes plus how it was laid out as a matrix
+            # (Conv1D factors the transpose of the same bytes an nn.Linear would)
+            layout = dict(layer=type(self).__name__, transposed=getattr(self, "is_conv1d", False), matrix=list(W.shape))
+
+            def key(rank):
+                return svd_cache.cache_key(fp.hash, rank=rank, information=config.information,
+                                           where=(svd_device or W.device.type), **layout, **settings)
+
+            exact = config.svd == "full" or rank_spec == "full"
             svd = svd_cache.cached(
-                key, lambda: thin_svd(W, rank_spec, config.information, **settings), svd_device or W.device
+                key(rank_spec), lambda: thin_svd(W, rank_spec, config.information, **settings),
+                svd_device or W.device, rank_key=key if exact else None,
             )
             if svd.r == 0:
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
@@ -216,6 +224,7 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_nonneg[adapter_name] = bool(config.nonneg)
         self.svfit_bases_dtype[adapter_name] = config.bases_dtype
         self.svfit_compute_path[adapter_name] = getattr(config, "compute_path", "auto")
+        self._refresh_one_basis(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
         return info
@@ -368,13 +377,31 @@ class SVFitLayer(BaseTunerLayer):
         return name if x.is_floating_point() else None
 
     def _plain_base(self, types: tuple) -> bool:
-        """The base is exactly one of ``types``, with no hooks a fused computation would skip, and frozen."""
+        """The base is exactly one of ``types`` wrapped directly (no other adapter in between), with no hooks a
+        fused computation would skip (its own or global ones), and frozen."""
         base = self.get_base_layer()
         return (
-            type(base) in types
-            and not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
+            self.base_layer is base
+            and type(base) in types
+            and not (
+                base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+                or hasattr(base, "_hf_hook") or _global_module_hooks()
+            )
             and not base.weight.requires_grad
         )
+
+    def _refresh_one_basis(self, name: Optional[str] = None) -> None:
+        """Whether the one-basis paths may serve an adapter: a well-conditioned kept spectrum (they divide by sigma)
+        from an exact SVD (a randomized one satisfies only one of W0 V = U S and U^T W0 = S V^T). Computed here,
+        when sigma is set or loaded, so that forward never syncs on it (torch.compile, inference tensors)."""
+        if not hasattr(self, "_one_basis"):
+            self._one_basis: dict[str, bool] = {}
+        for n in [name] if name is not None else list(self.svfit_sigma):
+            sigma = self.svfit_sigma[n]
+            info = self.svfit_info.get(n)
+            self._one_basis[n] = bool(
+                sigma.device.type != "meta" and not (info and info.randomized) and paths.one_basis_ok(sigma)
+            )
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
@@ -390,7 +417,6 @@ class Linear(nn.Module, SVFitLayer):
         super().__init__()
         SVFitLayer.__init__(self, base_layer)
         self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
-        self._one_basis_cache: dict[str, tuple] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
 
@@ -436,8 +462,10 @@ class Linear(nn.Module, SVFitLayer):
         if wanted != "auto":
             return (wanted if (plain if wanted == "merged" else one_basis) else "reference"), name
         # Chosen from shapes alone (costed as a training step), never from grad mode: the same input then gives the
-        # same bits in training, in eval and after a save/load round trip. In half precision a merged weight would
-        # round small updates away; the side paths keep them.
+        # same bits in training, in eval and after a save/load round trip. With half-precision weights, merged and
+        # input would round a small update into a bf16 weight or input; output adds it to the output, like the
+        # reference does.
+        full_precision = base.weight.dtype in (torch.float32, torch.float64)
         path = paths.choose_path(
             x.numel() // self.in_features,
             self.in_features,
@@ -445,18 +473,12 @@ class Linear(nn.Module, SVFitLayer):
             self.svfit_info[name].r,
             training=True,
             one_basis=one_basis,
-            allow_merged=plain and base.weight.dtype in (torch.float32, torch.float64),
+            allowed=None if full_precision else {"output"},
         )
         return path, name
 
     def _one_basis_ok(self, name: str) -> bool:
-        sigma = self.svfit_sigma[name]
-        key = (sigma.data_ptr(), sigma._version, sigma.device)  # sigma is replaced when a checkpoint loads bases
-        cached = self._one_basis_cache.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, paths.one_basis_ok(sigma))
-            self._one_basis_cache[name] = cached
-        return cached[1]
+        return self._one_basis.get(name, False)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True  # Delta W = (U_r diag(c)) V_r^T is already a rank-r factorisation
@@ -562,6 +584,19 @@ class Embedding(nn.Module, SVFitLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._svfit_forward(x, *args, **kwargs)
+
+
+def _after_state_dict_load(module: "SVFitLayer", incompatible_keys) -> None:
+    module._refresh_one_basis()
+
+
+def _global_module_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(
+        m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+        or m._global_backward_pre_hooks
+    )
 
 
 def _is_dtensor(t) -> bool:
