@@ -29,23 +29,30 @@ import numpy as np
 NAME = "dreambooth"
 BASE_FILE = "pretrained.json"
 
-# label, DreamBoothConfig overrides. Learning rates: picked by hand from a short probe on seed 0 (see the report)
+# label, DreamBoothConfig overrides; the learning rate comes from the probe below (per method family)
 VARIANTS = {
-    "svfit": ("SVFit, attention (0.99 energy)", dict(method="svfit", lr=3e-2)),
-    "svfit-conv": ("SVFit, attention + ResNet convs", dict(method="svfit", conv=True, lr=3e-2)),
-    "lora": ("LoRA r=4, attention", dict(method="lora", rank=4, lr=3e-3)),
-    "lora-conv": ("LoRA r=4, attention + ResNet convs", dict(method="lora", rank=4, conv=True, lr=3e-3)),
-    "full": ("Full fine-tuning (UNet)", dict(method="full", lr=1e-4)),
+    "svfit": ("SVFit, attention (0.99 energy)", dict(method="svfit")),
+    "svfit-conv": ("SVFit, attention + ResNet convs", dict(method="svfit", conv=True)),
+    "lora": ("LoRA r=4, attention", dict(method="lora", rank=4)),
+    "lora-conv": ("LoRA r=4, attention + ResNet convs", dict(method="lora", rank=4, conv=True)),
+    "full": ("Full fine-tuning (UNet)", dict(method="full")),
 }
+# Learning-rate probe: one fine-tuning seed and evaluation noise of its own (not the table's), attention targets;
+# the lr with the highest fidelity + prior accuracy is used for the family (the conv variants included).
+LR_GRID = {"svfit": [1e-2, 3e-2, 1e-1], "lora": [1e-3, 3e-3, 1e-2], "full": [3e-5, 1e-4, 3e-4]}
+QUICK_LR = {"svfit": 3e-2, "lora": 3e-3, "full": 1e-4}
+TUNE_SEED, TUNE_EVAL_SEED, EVAL_SEED = 100, 4321, 1234
 GRID_IMAGES = 8  # subject samples kept per run for the report's grid
 
 
 def settings(quick: bool) -> dict:
     if quick:
         return {"instances": 4, "steps": 4, "batch_size": 2, "num_class_images": 4, "subject_n": 4, "per_class_n": 2,
-                "shoe_n": 4, "sample_steps": 3, "guidance": 3.0, "seeds": [0], "variants": ["svfit", "lora", "full"]}
+                "shoe_n": 4, "sample_steps": 3, "guidance": 2.0, "seeds": [0], "variants": ["svfit", "lora", "full"],
+                "tune": None}
     return {"instances": 8, "steps": 300, "batch_size": 4, "num_class_images": 64, "subject_n": 64, "per_class_n": 16,
-            "shoe_n": 32, "sample_steps": 25, "guidance": 3.0, "seeds": [0, 1], "variants": list(VARIANTS)}
+            "shoe_n": 32, "sample_steps": 25, "guidance": 2.0, "seeds": [0, 1], "variants": list(VARIANTS),
+            "tune": {"subject_n": 24, "per_class_n": 6, "shoe_n": 0}}
 
 
 def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str] | None = None,
@@ -63,7 +70,7 @@ def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str]
     target.mkdir(parents=True, exist_ok=True)
     classifier = demo.load_classifier(weights)
     instances = demo.subject_images(s["instances"], seed=0)
-    real = demo.subject_images(s["subject_n"] + s["instances"], seed=1)  # real boots, for reference numbers
+    real = demo.subject_images(s["subject_n"], seed=1, split="test")  # real boots, for reference numbers
     eval_kw = dict(subject_n=s["subject_n"], per_class_n=s["per_class_n"], shoe_n=s["shoe_n"],
                    steps=s["sample_steps"], guidance=s["guidance"])
     pretrain_info = _read(weights / "pretrain_info.json") or {}
@@ -79,7 +86,7 @@ def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str]
     if not base or base["run_info"].get("settings") != s:
         pipe = demo.load_demo_pipeline(weights=weights)
         t0 = time.perf_counter()
-        metrics = evaluate(pipe, classifier, instances, **eval_kw)
+        metrics = evaluate(pipe, classifier, instances, seed=EVAL_SEED, **eval_kw)
         samples = metrics.pop("samples")
         cfg = DreamBoothConfig(instance_prompt=demo.SUBJECT_PROMPT, class_prompt=demo.CLASS_PROMPT,
                                num_class_images=s["num_class_images"], sample_steps=s["sample_steps"],
@@ -100,8 +107,13 @@ def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str]
             f" ({base['train_info']['seconds']:.0f}s)")
     class_images = torch.from_numpy(np.asarray(base["train_info"]["class_images_u8"], np.float32) / 127.5 - 1)[:, None]
 
+    lrs = dict(QUICK_LR)
+    if s["tune"]:
+        lrs = _tune(target, weights, s, record, demo, instances, class_images, classifier, eval_kw, log)
+
     for name in variants or s["variants"]:
         label, overrides = VARIANTS[name]
+        overrides = {**overrides, "lr": lrs[overrides["method"]]}
         for seed in s["seeds"]:
             path = target / f"{name}-seed{seed}.json"
             done = _read(path)
@@ -113,7 +125,7 @@ def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str]
                                    seed=seed, sample_steps=s["sample_steps"], guidance=s["guidance"], **overrides)
             result = finetune(pipe, instances * 2 - 1, cfg, class_images=class_images)
             metrics = evaluate(pipe, classifier, instances, unet=result.unet, text_encoder=result.text_encoder,
-                               **eval_kw)
+                               seed=EVAL_SEED, **eval_kw)
             samples = metrics.pop("samples")
             with tempfile.TemporaryDirectory() as tmp:
                 sizes = save_trained(result, cfg, Path(tmp))
@@ -127,6 +139,42 @@ def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str]
                 f"{metrics['prior_accuracy']:.3f}, diversity {metrics['subject_diversity']:.3f}, "
                 f"{result.trainable:,} trainable, train {result.train_time:.0f}s + sampling "
                 f"{metrics['sampling_seconds']:.0f}s")
+
+
+def _tune(target, weights, s, record, demo, instances, class_images, classifier, eval_kw, log) -> dict:
+    """Run (or read back) the learning-rate probe; return {method: chosen lr}."""
+    from svfit.dreambooth.demo.evaluate import evaluate
+    from svfit.dreambooth.train import DreamBoothConfig, finetune
+    from svfit.train.results import write_json
+
+    tune_dir = target / "tune"
+    tune_dir.mkdir(exist_ok=True)
+    kw = {**eval_kw, **s["tune"]}
+    chosen = {}
+    for method, grid in LR_GRID.items():
+        scores = {}
+        for lr in grid:
+            path = tune_dir / f"{method}-lr{lr:g}.json"
+            done = _read(path)
+            if not (done and done["run_info"].get("settings") == s):
+                pipe = demo.load_demo_pipeline(weights=weights)
+                cfg = DreamBoothConfig(instance_prompt=demo.SUBJECT_PROMPT, class_prompt=demo.CLASS_PROMPT,
+                                       method=method, rank=4 if method == "lora" else None, lr=lr, steps=s["steps"],
+                                       batch_size=s["batch_size"], num_class_images=s["num_class_images"],
+                                       seed=TUNE_SEED, sample_steps=s["sample_steps"], guidance=s["guidance"])
+                result = finetune(pipe, instances * 2 - 1, cfg, class_images=class_images)
+                m = evaluate(pipe, classifier, instances, unet=result.unet, text_encoder=result.text_encoder,
+                             seed=TUNE_EVAL_SEED, **kw)
+                m.pop("samples")
+                done = record({"variant": f"tune-{method}", "method": method, "lr": lr, "seed": TUNE_SEED},
+                              {"metrics": m, "train_time": result.train_time, "losses": result.losses})
+                write_json(path, done)
+                log(f"tune {method} lr {lr:g}: fidelity {m['subject_fidelity']:.3f}, prior accuracy "
+                    f"{m['prior_accuracy']:.3f}")
+            m = done["train_info"]["metrics"]
+            scores[lr] = m["subject_fidelity"] + m["prior_accuracy"]
+        chosen[method] = max(grid, key=lambda lr: (scores[lr], -lr))  # ties: the smaller lr
+    return chosen
 
 
 def _u8(images) -> list:
@@ -190,7 +238,8 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         f"model generated (shared by all methods); {s['steps']} steps of {s['batch_size']} instance + "
         f"{s['batch_size']} prior images, AdamW, 10 % warm-up, gradient clipping 1.0; seeds "
         f"{', '.join(map(str, s['seeds']))}. Sampling: DDIM, {s['sample_steps']} steps, classifier-free guidance "
-        f"{s['guidance']}; {s['subject_n']} subject samples, {s['per_class_n']} per class prompt × 9, "
+        f"{s['guidance']} (the scale at which the pre-trained model's class prompts came out best in a by-hand probe "
+        f"over 1–5); {s['subject_n']} subject samples, {s['per_class_n']} per class prompt × 9, "
         f"{s['shoe_n']} for \"a photo of a shoe\", from the same noise before and after."
     )
     lines.append("")
@@ -238,6 +287,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         )
         lines.append("")
         png = _grid(base, runs, order, Path(plots))
+        lines += _tune_table(target, s)
         lines.append(f"![DreamBooth samples]({link_prefix}/{png})")
         lines.append("")
         lines.append("Rows: the instance photos; the prior images (\"a photo of a shoe\" by the pre-trained model); "
@@ -246,6 +296,29 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
                      "before and after each method.")
         lines.append("")
     return "\n".join(lines)
+
+
+def _tune_table(target: Path, s: dict) -> list[str]:
+    probes = [r for r in (_read(p) for p in sorted((target / "tune").glob("*.json"))) if r and r["run_info"].get("settings") == s]
+    if not probes:
+        return []
+    lines = [f"Learning rates: a probe per method family (attention targets; fine-tuning seed {TUNE_SEED} and "
+             "evaluation noise of its own, "
+             f"{s['tune']['subject_n']} subject samples and {s['tune']['per_class_n']} per class prompt), picking the "
+             "highest fidelity + prior accuracy; the conv variants use their family's rate.", "",
+             "| method | lr | fidelity | prior acc. | chosen |", "|---|---|---|---|---|"]
+    best = {}
+    for r in probes:
+        m, ri = r["train_info"]["metrics"], r["run_info"]
+        score = m["subject_fidelity"] + m["prior_accuracy"]
+        if ri["method"] not in best or (score, -ri["lr"]) > best[ri["method"]]:
+            best[ri["method"]] = (score, -ri["lr"])
+    for method in LR_GRID:
+        for r in sorted((r for r in probes if r["run_info"]["method"] == method), key=lambda r: r["run_info"]["lr"]):
+            m, lr = r["train_info"]["metrics"], r["run_info"]["lr"]
+            mark = "✓" if best[method][1] == -lr else ""
+            lines.append(f"| {method} | {lr:g} | {m['subject_fidelity']:.2f} | {m['prior_accuracy']:.3f} | {mark} |")
+    return lines + [""]
 
 
 def _bytes(n: int) -> str:

@@ -206,3 +206,41 @@ def test_usage_errors(tmp_path, tiny):
     code, output = cli("dreambooth", "--model", model, "--instance-dir", images, "--instance-prompt", PROMPT,
                        "--targets", "nothing_here", "--out", tmp_path / "o", *FAST)
     assert code == 1 and "match no layer" in output
+
+
+def test_benchmark_quick_variant_measures_svfit_lora_and_full_and_writes_the_report(tmp_path):
+    from benchmarks.__main__ import app as bench
+
+    results, report = tmp_path / "results", tmp_path / "BENCHMARKS.md"
+    out = runner.invoke(bench, ["run", "--quick", "--only", "dreambooth", "--results", str(results),
+                                "--report", str(report)])
+    assert out.exit_code == 0, out.output
+    runs = {p.stem: json.loads(p.read_text()) for p in (results / "dreambooth").glob("*-seed0.json")}
+    assert set(runs) == {"svfit-seed0", "lora-seed0", "full-seed0"}
+    trainable = {k: r["train_info"]["num_trainable_params"] for k, r in runs.items()}
+    assert trainable["svfit-seed0"] < trainable["lora-seed0"] < trainable["full-seed0"]
+    sizes = {k: r["train_info"]["file_size"] for k, r in runs.items()}
+    assert sizes["svfit-seed0"] < sizes["lora-seed0"] < sizes["full-seed0"]
+    for r in runs.values():
+        m = r["train_info"]["metrics"]
+        assert 0 <= m["subject_fidelity"] <= 1 and 0 <= m["prior_accuracy"] <= 1 and m["subject_diversity"] > 0
+        assert sum(m["subject_predictions"]) == r["run_info"]["settings"]["subject_n"]
+    text = report.read_text()
+    assert "## Subject-driven generation (DreamBooth)" in text and "| SVFit, attention (0.99 energy) |" in text
+    assert "| LoRA r=4, attention |" in text and "| Full fine-tuning (UNet) |" in text
+    grid = Image.open(tmp_path / "plots" / "dreambooth-samples.png")
+    assert grid.format == "PNG" and grid.height > 10 * 28
+
+
+def test_without_model_the_bundled_demo_runs_with_its_subject_and_prompts(tmp_path):
+    out = tmp_path / "demo"
+    code, output = cli("dreambooth", "--out", out, *FAST)
+    assert code == 0, output
+    info = json.loads((out / "result.json").read_text())
+    cfg = info["run_info"]["dreambooth_config"]
+    assert cfg["instance_prompt"] == "a photo of sks shoe" and cfg["class_prompt"] == "a photo of a shoe"
+    assert info["run_info"]["instance_images"] == 8
+    # the demo model's attention projections are 64-wide: SVFit trains at most 64 values per matrix
+    weights = load_file(out / "unet_adapter" / "adapter_model.safetensors")
+    assert all(0 < v.numel() <= 64 for v in weights.values())
+    assert Image.open(out / "samples.png").height == 5 * (28 * 2 + 2) + 2

@@ -267,7 +267,9 @@ def dreambooth(
     ),
     prior_weight: float = typer.Option(1.0, "--prior-weight", help="Weight of the prior-preservation loss"),
     sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps when sampling"),
-    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1 = off)"),
+    guidance: Optional[float] = typer.Option(
+        None, help="Classifier-free guidance scale, 1 = off [default: 7.5; demo: 2.0]"
+    ),
     num_samples: int = typer.Option(8, "--num-samples", help="Samples per row of the grid"),
     seed: int = typer.Option(0, help="Seed for noise, timesteps and image order"),
     out: Optional[Path] = typer.Option(None, help="Output directory [default: runs/dreambooth-METHOD]"),

@@ -46,6 +46,7 @@ def resolve_inputs(opts: RunOptions, cfg_kwargs: dict) -> tuple[TextToImage, tor
         pipe = demo.load_demo_pipeline(device=opts.device)
         cfg_kwargs.setdefault("instance_prompt", demo.SUBJECT_PROMPT)
         cfg_kwargs.setdefault("class_prompt", demo.CLASS_PROMPT)
+        cfg_kwargs.setdefault("guidance", demo.GUIDANCE)
         if opts.instance_dir is None:
             images = demo.subject_images(8) * 2 - 1
         else:

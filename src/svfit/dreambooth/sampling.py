@@ -12,7 +12,7 @@ from .pipeline import TextToImage
 
 
 @torch.no_grad()
-def sample(pipe: TextToImage, prompts: Sequence[str], *, steps: int = 25, guidance: float = 3.0, seed: int = 0,
+def sample(pipe: TextToImage, prompts: Sequence[str], *, steps: int = 25, guidance: float = 7.5, seed: int = 0,
            batch_size: int = 64, unet: Optional[torch.nn.Module] = None, eta: float = 0.0) -> torch.Tensor:
     """One image per prompt, in [0, 1], shape (N, C, H, W), on the CPU.
 

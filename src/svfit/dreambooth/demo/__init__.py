@@ -34,6 +34,7 @@ CLASS_PROMPT = "a photo of a shoe"
 RARE_TOKENS = ("sks", "xjy", "qzv")  # in the vocabulary, never in a pre-training caption
 VOCAB = ("<pad>", "<unk>", "<bos>", "<eos>", "a", "photo", "of", "shoe",
          *[w for w in CLASS_WORDS if w is not None], *RARE_TOKENS)
+GUIDANCE = 2.0  # classifier-free guidance at which the pre-trained model's class prompts come out best
 MAX_TOKENS = 8  # <bos> a photo of a <word> <eos> <pad>
 
 
@@ -127,11 +128,11 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
 
 
-def subject_images(n: int = 8, seed: int = 0) -> torch.Tensor:
-    """``n`` ankle-boot photos (the DreamBooth subject set) from the Fashion-MNIST train split, seeded, in [0, 1]."""
+def subject_images(n: int = 8, seed: int = 0, split: str = "train") -> torch.Tensor:
+    """``n`` ankle-boot photos (the DreamBooth subject set) from a Fashion-MNIST split, seeded, in [0, 1]."""
     from ...assets.images import load_fashion_mnist
 
-    x, y = load_fashion_mnist("train")
+    x, y = load_fashion_mnist(split)
     idx = np.flatnonzero(y == HELD_OUT)
     pick = np.random.default_rng(seed).choice(idx, size=n, replace=False)
     return to_unit(x[np.sort(pick)])
