@@ -61,7 +61,7 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, labels: Optional[Sequenc
               pad: int = 2) -> Path:
     """Write images as a PNG grid: one row per tensor in ``rows`` (each (N, C, H, W) in [0, 1]), an optional text
     label left of each row. Greyscale and RGB rows may be mixed. The file is written atomically."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     rows = [r for r in rows]
     if not rows:
@@ -74,6 +74,10 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, labels: Optional[Sequenc
     cell_w, cell_h = w * scale + pad, h * scale + pad
     canvas = Image.new("RGB", (label_w + ncol * cell_w + pad, len(rows) * cell_h + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    try:
+        font = ImageFont.load_default(size=11)  # Pillow >= 10.1: a scalable font with proper word spacing
+    except TypeError:
+        font = ImageFont.load_default()
     for i, row in enumerate(rows):
         arr = to_uint8(row)
         for j, img in enumerate(arr):
@@ -81,7 +85,7 @@ def save_grid(rows: Sequence[torch.Tensor], path: Path, labels: Optional[Sequenc
             pil = pil.resize((w * scale, h * scale), Image.NEAREST)
             canvas.paste(pil, (label_w + pad + j * cell_w, pad + i * cell_h))
         if labels:
-            draw.text((4, pad + i * cell_h + cell_h // 2 - 6), labels[i], fill="black")
+            draw.text((4, pad + i * cell_h + cell_h // 2 - 6), labels[i], fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
