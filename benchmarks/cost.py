@@ -26,7 +26,7 @@ torch/transformers/peft/svfit but run nothing, so each worker starts with clean 
 * merged inference: after merge_and_unload, forward time against the untouched base model (interleaved), and the
   largest output difference merged vs. unmerged and loaded vs. trained (correctness).
 
-    python benchmarks/cost.py --out benchmarks/results [--quick] [--case minilm-qv] [--steps N] [--threads N]
+    python -m benchmarks.cost --out benchmarks/results [--quick] [--case minilm-qv] [--steps N] [--threads N]
 
 Timings need an otherwise idle machine: on 2 cores, a second busy process slows two-thread torch many-fold
 (``--threads 1`` is the fairer choice then). Each JSON records the load average before and after its case.
@@ -732,7 +732,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     runs = _load_results(results)
     head = "## Cost of SVFit against LoRA r=8 (time, memory, init, load, file size)\n\n"
     if not runs:
-        return head + "Not run: no results under `" + str(Path(results) / NAME) + "` (run `benchmarks/cost.py`).\n"
+        return head + "Not run: no results under `" + str(Path(results) / NAME) + "` (run `python -m benchmarks run --only cost`).\n"
     lines = [head.rstrip("\n"), ""]
     lines.append(
         "Every ratio is SVFit / LoRA r=8 measured in the same run, on the same model and the same batch; each "
