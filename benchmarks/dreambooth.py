@@ -111,10 +111,10 @@ def run(out: Path, quick: bool, weights: Path | None = None, variants: list[str]
     if s["tune"]:
         lrs = _tune(target, weights, s, record, demo, instances, class_images, classifier, eval_kw, log)
 
-    for name in variants or s["variants"]:
-        label, overrides = VARIANTS[name]
-        overrides = {**overrides, "lr": lrs[overrides["method"]]}
-        for seed in s["seeds"]:
+    for seed in s["seeds"]:  # seed-major: an interrupted run has every method at the first seed
+        for name in variants or s["variants"]:
+            label, overrides = VARIANTS[name]
+            overrides = {**overrides, "lr": lrs[overrides["method"]]}
             path = target / f"{name}-seed{seed}.json"
             done = _read(path)
             if done and done["run_info"].get("settings") == s and done["run_info"].get("overrides") == overrides:
@@ -252,7 +252,10 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         f"samples (real ankle boots: {ref['real_subject_diversity']:.3f}; the {s['instances']} instance photos: "
         f"{ref['instance_diversity']:.3f}); **→nearest instance** = mean distance from a subject sample to its "
         f"closest instance photo (real held-out boots: {ref['real_subject_nearest_instance']:.3f}; lower = closer "
-        "to copying). Mean ± sd over seeds."
+        "to copying). Mean ± sd over seeds; seeds change the fine-tuning (batches, noise, timesteps), not the "
+        f"evaluation noise. With {s['subject_n']} subject samples a fidelity carries a binomial standard error of up "
+        f"to {math.sqrt(0.25 / s['subject_n']):.2f}, and a prior accuracy over {9 * s['per_class_n']} samples up to "
+        f"{math.sqrt(0.25 / (9 * s['per_class_n'])):.2f}: smaller differences are not resolved."
     )
     lines.append("")
     lines.append("| method | lr | trainable | adapter file | train time / run | fidelity | prior acc. (before → after) "
@@ -266,8 +269,9 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         rs = runs[v]
         m = [r["train_info"]["metrics"] for r in rs]
         t = rs[0]["train_info"]
+        note = "" if len(rs) == len(s["seeds"]) else f" ({len(rs)} of {len(s['seeds'])} seeds)"
         lines.append(
-            f"| {VARIANTS[v][0]} | {rs[0]['run_info']['overrides'].get('lr', '-'):g} | "
+            f"| {VARIANTS[v][0]}{note} | {rs[0]['run_info']['overrides'].get('lr', '-'):g} | "
             f"{t['num_trainable_params']:,} | {_bytes(t['file_size'])} | "
             f"{statistics.mean(r['train_info']['train_time'] for r in rs):.0f} s | "
             f"{_mean_sd([x['subject_fidelity'] for x in m])} | "
