@@ -89,8 +89,9 @@ def report(
         info = json.loads(log.read_text())
         system = info["meta_info"]["system_info"]  # the machine that measured, not the one writing the report
         per_part = ", ".join(f"{k} {v / 60:.0f} min" for k, v in info["train_info"]["seconds_per_part"].items())
-        when = (f"Last run {info['run_info']['created_at']}; time taken: {per_part} "
-                f"({info['run_info']['total_time'] / 60:.0f} min in all).")
+        when = (f"Last run {info['run_info']['created_at']}; wall time of each part's latest run: {per_part} "
+                f"({info['run_info']['total_time'] / 60:.0f} min in all; a resumed part counts only what it re-ran, "
+                "so the quality section states its whole compute and the dreambooth section its per-run times).")
     header = [
         "# svfit benchmarks",
         "",
