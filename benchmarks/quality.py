@@ -280,9 +280,20 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     compute = sum(r["run_info"].get("total_time", 0.0) for r in every)
     # a task counts as run once it has test-seed results; tuning points alone mean it was interrupted
     missing = [t for t in FULL.budgets if not any(k.startswith("test/") for k in table.get(t, {}))]
+    # a task whose test runs were interrupted: fewer methods or seeds than the full profile asks for
+    def _tuned_untested(groups) -> set:
+        tuned = {r["run_info"]["benchmark"]["variant"] for k, rs in groups.items() if k.startswith("tune/")
+                 for r in rs if r["train_info"].get("status") == "success"}
+        return tuned - {k.split("/", 1)[1] for k in groups if k.startswith("test/")}
+
+    partial = [t for t, groups in table.items() if t not in missing and (
+        _tuned_untested(groups)
+        or any(len(v) < len(FULL.seeds) for k, v in groups.items() if k.startswith("test/")))]
     lines += [f"{len(every)} experiments, {compute / 60:.0f} min of compute in all (sum of the runs' wall times)."
               + (f" **Not run yet: {', '.join(missing)}** (`python -m benchmarks run --only quality --task ...` "
-                 "resumes)." if missing else ""), ""]
+                 "resumes)." if missing else "")
+              + (f" **Incomplete (interrupted; the same command resumes): {', '.join(partial)}** — its table "
+                 "has fewer methods or seeds than the others." if partial else ""), ""]
     verdicts = []
     for task, groups in table.items():
         rows = {k.split("/", 1)[1]: row(v) for k, v in groups.items() if k.startswith("test/")}
