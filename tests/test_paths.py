@@ -116,7 +116,7 @@ def test_cost_model_merges_for_many_tokens_and_uses_one_basis_for_few():
     assert paths.choose_path(1, 384, 1536, 300, training=True) == "input"
     assert paths.choose_path(1, 1536, 384, 300, training=True) == "output"
     assert paths.choose_path(1, 384, 1536, 300, training=True, one_basis=False) == "reference"
-    assert paths.choose_path(4096, 384, 384, 290, training=True, allow_merged=False, one_basis=False) == "reference"
+    assert paths.choose_path(4096, 384, 384, 290, training=True, allowed=set(), one_basis=False) == "reference"
     assert paths.merged_sigma_grad_cost(4096, 384, 384, 290)[0] == "weight"
     assert paths.merged_sigma_grad_cost(4096, 384, 384, 8)[0] == "tokens"
 

@@ -72,13 +72,11 @@ def merged_sigma_grad_cost(tokens: int, d_in: int, d_out: int, r: int) -> tuple[
 
 def choose_path(
     tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True,
-    allow_merged: bool = True, allowed: Optional[set] = None,
+    allowed: Optional[set] = None,
 ) -> str:
     """The cheapest path by ``path_costs`` among ``allowed`` (default: all; ``reference`` always is), ties going to
     the earlier of reference, merged, input, output."""
     costs = path_costs(tokens, d_in, d_out, r, training=training, input_grad=input_grad, one_basis=one_basis)
-    if not allow_merged:
-        costs.pop("merged")
     if allowed is not None:
         costs = {k: v for k, v in costs.items() if k in allowed or k == "reference"}
     return min(costs, key=costs.get)
@@ -226,11 +224,14 @@ def conv_path_costs(tokens: int, d_in: int, d_out: int, r: int) -> dict[str, flo
 
 
 class _Project(Function):
-    """z = a + ((a B) * s) B^T for an orthonormal-column basis B (d, r); saves only a B (T, r)."""
+    """z = a + (((a - shift) B) * s) B^T for an orthonormal-column basis B (d, r); saves only (a - shift) B (T, r).
+
+    The input-side update has no shift; the output-side one projects the base output without its bias."""
 
     @staticmethod
-    def forward(ctx, a, s, B):
-        h = a @ B.to(a.dtype)
+    def forward(ctx, a, s, B, shift):
+        a0 = a - shift if shift is not None else a
+        h = a0 @ B.to(a.dtype)
         z = a + ((h * s).to(a.dtype) @ B.T.to(a.dtype))
         ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, s, B)
         return z
@@ -241,45 +242,23 @@ class _Project(Function):
         h, s, B = ctx.saved_tensors
         Bg = B.to(g.dtype)
         gh = g @ Bg
-        grad_a = g + ((gh * s).to(g.dtype) @ Bg.T) if ctx.needs_input_grad[0] else None
+        through = (gh * s).to(g.dtype) @ Bg.T  # what the update sends back to a - shift
+        grad_a = g + through if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
             grad_s = (h.float() * gh.float()).reshape(-1, B.shape[1]).sum(0).to(s.dtype)
-        return grad_a, grad_s, None
-
-
-class _ProjectOutput(Function):
-    """z = y + (((y - b) B) * s) B^T: the output-side update, on the base output y with its bias b removed."""
-
-    @staticmethod
-    def forward(ctx, y, s, B, bias):
-        y0 = y - bias if bias is not None else y
-        h = y0 @ B.to(y.dtype)
-        z = y + ((h * s).to(y.dtype) @ B.T.to(y.dtype))
-        ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, s, B)
-        return z
-
-    @staticmethod
-    @once_differentiable  # no second-order terms: a double backward raises rather than drop them silently
-    def backward(ctx, g):
-        h, s, B = ctx.saved_tensors
-        Bg = B.to(g.dtype)
-        gh = g @ Bg
-        through = (gh * s).to(g.dtype) @ Bg.T  # what the update sends back to y0
-        grad_y = g + through if ctx.needs_input_grad[0] else None
-        grad_s = (h.float() * gh.float()).reshape(-1, B.shape[1]).sum(0).to(s.dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = -through.reshape(-1, through.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-        return grad_y, grad_s, None, grad_bias
+        grad_shift = -through.reshape(-1, through.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_a, grad_s, None, grad_shift
 
 
 def project_input(x: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """x + ((x V) * s) V^T, to be fed to the untouched base layer (``input`` path; s = c / sigma)."""
-    return _Project.apply(x, s, V)
+    return _Project.apply(x, s, V, None)
 
 
 def project_output(y: torch.Tensor, s: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y + (((y - b) U) * s) U^T on the base layer's output y (``output`` path; s = c / sigma)."""
-    return _ProjectOutput.apply(y, s, U, bias)
+    return _Project.apply(y, s, U, bias)
 
 
 def reference_branch(x: torch.Tensor, c: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

@@ -394,8 +394,6 @@ class SVFitLayer(BaseTunerLayer):
         """Whether the one-basis paths may serve an adapter: a well-conditioned kept spectrum (they divide by sigma)
         from an exact SVD (a randomized one satisfies only one of W0 V = U S and U^T W0 = S V^T). Computed here,
         when sigma is set or loaded, so that forward never syncs on it (torch.compile, inference tensors)."""
-        if not hasattr(self, "_one_basis"):
-            self._one_basis: dict[str, bool] = {}
         for n in [name] if name is not None else list(self.svfit_sigma):
             sigma = self.svfit_sigma[n]
             info = self.svfit_info.get(n)
@@ -438,13 +436,13 @@ class Linear(nn.Module, SVFitLayer):
             return self._svfit_forward(x, *args, **kwargs)
         base = self.get_base_layer()
         U, V = self.svfit_U[name], self.svfit_V[name]
-        vector = self.svfit_vector[name]
-        args_ = (vector, self.svfit_sigma[name], self.svfit_parametrization[name], self.svfit_nonneg[name])
         if path == "merged":
             return paths.merged_linear(
-                x, singular_value_shift(*args_), base.weight, base.bias, U, V, transposed=self.is_conv1d
+                x, self.singular_value_shift(name), base.weight, base.bias, U, V, transposed=self.is_conv1d
             )
-        s = relative_shift(*args_)
+        s = relative_shift(
+            self.svfit_vector[name], self.svfit_sigma[name], self.svfit_parametrization[name], self.svfit_nonneg[name]
+        )
         if path == "input":
             return base(paths.project_input(x, s, V))
         return paths.project_output(base(x), s, U, base.bias)
@@ -533,7 +531,7 @@ class Conv(nn.Module, SVFitLayer):
 
     def compute_path_for(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[str, Optional[str]]:
         """"merged" or "reference" (the one-basis paths are not offered for convolutions). Merging needs a batched
-        input and numeric zero padding, as ``torch.convolution`` takes it."""
+        input and numeric zero padding (no padding_mode or string padding in the functional conv's arguments)."""
         name = self._fast_path_adapter(x, args, kwargs)
         if name is None:
             return "reference", None
