@@ -19,6 +19,12 @@ PARTS = ("params", "quality", "dreambooth", "cost", "scaling")  # cost and scali
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
+def _cpu_name(system: dict) -> str:
+    """platform.processor() is often empty on Linux and falls back to the machine type: name it once."""
+    machine, processor = system.get("machine") or "", system.get("processor") or ""
+    return machine if processor in ("", machine) else f"{machine} {processor}"
+
+
 def _module(name: str):
     return importlib.import_module(f"benchmarks.{name}")
 
@@ -99,7 +105,7 @@ def report(
         "hand); `python -m benchmarks run` re-measures. Every number was measured by us, every ratio against LoRA in "
         "the same run on the same machine. Nothing is quoted from the SVFit paper.",
         "",
-        f"Machine: {system.get('machine')} {system.get('processor') or ''}, {system.get('cpu_count')} CPU cores, "
+        f"Machine: {_cpu_name(system)}, {system.get('cpu_count')} CPU cores, "
         f"torch threads {system.get('torch_threads')}, accelerator: {system.get('accelerator')}. {when}",
         "",
     ]
