@@ -240,6 +240,7 @@ def row(results: list[dict]) -> dict:
         "train_time": statistics.fmean(r["train_info"]["train_time"] for r in ok) if ok else float("nan"),
         "lr": bench["lr"],
         "label": bench["label"],
+        "examples": held_out(ok[0]["train_info"]["metrics"][-1])["examples"] if ok else None,
     }
 
 
@@ -253,7 +254,10 @@ def verdict(svfit: dict, lora: dict) -> str:
     word = "ties with" if abs(m) <= s else ("beats" if m > 0 else "loses to")
     ratio = lora["adapter_params"] / max(svfit["adapter_params"], 1)
     size = f"{ratio:.1f}× fewer" if ratio >= 1 else f"{1 / ratio:.1f}× more"
-    return (f"SVFit (energy 0.99) {word} LoRA r=8: {m:+.1f} ± {s:.1f} points over {len(seeds)} paired seeds, "
+    # how coarse the metric is: on a small test slice one example moves accuracy by several points
+    n = svfit.get("examples")
+    grain = f" on {n} test examples (one example = {100 / n:.1f} points)" if n else ""
+    return (f"SVFit (energy 0.99) {word} LoRA r=8: {m:+.1f} ± {s:.1f} points over {len(seeds)} paired seeds{grain}, "
             f"with {size} adapter parameters")
 
 

@@ -45,3 +45,22 @@ def test_quick_quality_run_writes_results_and_a_report(tmp_path):
 def test_unknown_part_is_refused(tmp_path):
     out = CliRunner().invoke(app, ["run", "--only", "everything", "--results", str(tmp_path)])
     assert out.exit_code != 0 and "unknown part" in out.output
+
+
+def test_verdict_pairs_seeds_and_states_the_test_grain():
+    from benchmarks.quality import verdict
+
+    def row(by_seed, params, examples=50):
+        return {"by_seed": by_seed, "adapter_params": params, "examples": examples}
+
+    lora = row({1: 0.70, 2: 0.60, 3: 0.80}, 1600)
+    # SVFit is 2 points ahead on every seed: the per-seed gaps have no spread, so it beats LoRA although the
+    # unpaired stds (10 points) would overlap
+    ahead = verdict(row({1: 0.72, 2: 0.62, 3: 0.82}, 100), lora)
+    assert "beats LoRA r=8: +2.0 ± 0.0 points over 3 paired seeds on 50 test examples (one example = 2.0 points)" in ahead
+    assert "16.0× fewer adapter parameters" in ahead
+    # gaps of +4, -4, +2: the mean (0.7) sits within their std, a tie
+    assert "ties with" in verdict(row({1: 0.74, 2: 0.56, 3: 0.82}, 100), lora)
+    assert "loses to" in verdict(row({1: 0.60, 2: 0.50, 3: 0.70}, 100), lora)
+    # only the seeds both ran are compared
+    assert "not enough paired seeds (1)" in verdict(row({1: 0.9, 4: 0.9, 5: 0.9}, 100), lora)
