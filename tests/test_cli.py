@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,9 @@ def test_train_prints_accuracy_before_and_after_and_writes_the_run(sentiment_run
     assert result["run_info"]["peft_config"]["peft_type"] == "SVFIT"
     assert result["meta_info"]["package_info"]["peft-version"]
     assert result["meta_info"]["system_info"]["cpu_count"]
+    code = result["meta_info"]["code_version"]
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # run from a checkout: the commit is recorded
+        assert len(code["git_commit"]) == 40 and isinstance(code["git_dirty"], bool)
     ranks = info["svfit_ranks"]
     assert len(ranks) == 12 and all(0 < r["r"] <= 384 for r in ranks)
     assert sum(r["r"] for r in ranks) + 770 == info["num_trainable_params"]  # singular values + the new head

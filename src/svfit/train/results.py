@@ -10,6 +10,7 @@ import os
 import platform
 import resource
 import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,10 +40,39 @@ def system_info() -> dict[str, Any]:
         "version": platform.version(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "accelerator": accelerator,
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's marketing name (platform.processor() is often empty on Linux); None where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def code_version() -> dict[str, Any]:
+    """The svfit source a number came from: its version, and the git commit when run from a checkout (with
+    "dirty" when the tree had uncommitted changes)."""
+    info: dict[str, Any] = {"svfit": package_info()["svfit-version"], "git_commit": None, "git_dirty": None}
+    here = Path(__file__).resolve().parent
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        # this very file must be tracked there: an installed copy inside some other repository is not a checkout
+        if head.returncode == 0 and run("ls-files", "--error-unmatch", Path(__file__).name).returncode == 0:
+            info["git_commit"] = head.stdout.strip()
+            info["git_dirty"] = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed wheel)
+        pass
+    return info
 
 
 def peak_memory() -> dict[str, int]:
@@ -62,6 +92,7 @@ def meta_info(model_name: str, dataset_name: str) -> dict[str, Any]:
         "model_info": {"name": model_name},
         "dataset_info": {"name": dataset_name},
         "package_info": package_info(),
+        "code_version": code_version(),
         "system_info": system_info(),
         "pytorch_info": torch.__config__.show(),
     }
