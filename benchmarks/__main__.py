@@ -20,9 +20,39 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 def _cpu_name(system: dict) -> str:
-    """platform.processor() is often empty on Linux and falls back to the machine type: name it once."""
+    """platform.processor() is often empty on Linux and falls back to the machine type: name it once, with the
+    CPU model where the results recorded it."""
     machine, processor = system.get("machine") or "", system.get("processor") or ""
-    return machine if processor in ("", machine) else f"{machine} {processor}"
+    name = machine if processor in ("", machine) else f"{machine} {processor}"
+    return f"{name} ({system['cpu_model']})" if system.get("cpu_model") else name
+
+
+def _provenance(results: Path) -> str:
+    """When the results were measured and from which commits: they are measured part by part, often over
+    several sittings, and the report must not read as one run."""
+    stamps, commits, unrecorded = [], set(), 0
+    for path in results.rglob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or "run_info" not in data:
+            continue
+        if data["run_info"].get("created_at"):
+            stamps.append(data["run_info"]["created_at"])
+        code = data.get("meta_info", {}).get("code_version")
+        if code and code.get("git_commit"):
+            commits.add(code["git_commit"][:7] + ("+dirty" if code.get("git_dirty") else ""))
+        else:
+            unrecorded += 1
+    if not stamps:
+        return ""
+    text = f"Results measured between {min(stamps)} and {max(stamps)}, part by part (not in one sitting)"
+    if commits:
+        text += f", from commit(s) {', '.join(sorted(commits))}"
+    if unrecorded:
+        text += f"; {unrecorded} result files predate the recording of the code version"
+    return text + "."
 
 
 def _module(name: str):
@@ -39,9 +69,12 @@ def run(
     only: Optional[list[str]] = typer.Option(None, "--only", help=f"Run some parts only: {', '.join(PARTS)}"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="quality: these tasks only"),
     results: Optional[Path] = typer.Option(
-        None, help="Where the JSON results go [default: benchmarks/results, or benchmarks/results-quick with --quick]"
+        None, help="Where the JSON results go (default: benchmarks/results, or benchmarks/results-quick with --quick)"
     ),
-    report_to: Optional[Path] = typer.Option(None, "--report", help="Markdown report to write afterwards"),
+    report_to: Optional[Path] = typer.Option(
+        None, "--report", help="Markdown report to write afterwards (default: BENCHMARKS.md beside the repository's "
+        "results, or inside --results for any other results folder)"
+    ),
 ):
     """Run the benchmarks (skipping quality experiments whose JSON already exists), then write the report."""
     parts = list(only or PARTS)
@@ -76,15 +109,21 @@ def run(
         "train_info": {"seconds_per_part": seconds},
         "meta_info": meta_info("(several)", "(several)"),
     })
-    report(results=results, out=report_to or (HERE.parent / "BENCHMARKS.md" if not quick else results / "BENCHMARKS.md"))
+    report(results=results, out=report_to)
 
 
 @app.command()
 def report(
     results: Path = typer.Option(RESULTS, help="Where the JSON results are"),
-    out: Path = typer.Option(HERE.parent / "BENCHMARKS.md", help="The markdown file to write"),
+    out: Optional[Path] = typer.Option(
+        None, help="The markdown file to write (default: the repository's BENCHMARKS.md for benchmarks/results, "
+        "else BENCHMARKS.md inside --results)"
+    ),
 ):
     """Write the markdown report and its PNG plots from the JSON results (measures nothing)."""
+    if out is None:  # only the committed results may rewrite the committed report and plots
+        same = results.resolve() == RESULTS.resolve()
+        out = HERE.parent / "BENCHMARKS.md" if same else results / "BENCHMARKS.md"
     plots = out.parent / "benchmarks" / "plots" if out.parent == HERE.parent else out.parent / "plots"
     link_prefix = str(plots.relative_to(out.parent))
     sections = [_module(part).section(results, plots, link_prefix=link_prefix) for part in PARTS if _exists(part)]
@@ -95,9 +134,9 @@ def report(
         info = json.loads(log.read_text())
         system = info["meta_info"]["system_info"]  # the machine that measured, not the one writing the report
         per_part = ", ".join(f"{k} {v / 60:.0f} min" for k, v in info["train_info"]["seconds_per_part"].items())
-        when = (f"Last run {info['run_info']['created_at']}; wall time of each part's latest run: {per_part} "
-                f"({info['run_info']['total_time'] / 60:.0f} min in all; a resumed part counts only what it re-ran, "
-                "so the quality section states its whole compute and the dreambooth section its per-run times).")
+        when = (f"{_provenance(results)} Wall time of each part's latest invocation: {per_part}. A resumed part "
+                "counts only what it re-ran, so these do not add up to a full run: the quality section states its "
+                "whole compute (the sum of its experiments' wall times) and the dreambooth section its per-run times.")
     header = [
         "# svfit benchmarks",
         "",

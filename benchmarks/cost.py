@@ -880,7 +880,8 @@ def _plot(done: list[dict], plots: Path) -> str:
     x = np.arange(len(keys))
     for i, (case, m, ratios) in enumerate(rows):
         vals = [ratios.get(k) or np.nan for k in keys]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{case}: {m}")
+        # tab20: 20 distinct colours, where the default cycle repeats after 10 series
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=f"{case}: {m}", color=plt.cm.tab20(i % 20))
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_yscale("log")
     ax.set_xticks(x)
@@ -904,7 +905,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per method (default: per case)")
     args = parser.parse_args()
     run(args.out, args.quick, args.threads, args.case, args.steps, log=lambda msg: print(msg, flush=True))
-    print(section(args.out, args.out / "plots"))
+    with tempfile.TemporaryDirectory() as plots:  # the committed plots are the report's (python -m benchmarks report)
+        print(section(args.out, Path(plots)))
 
 
 if __name__ == "__main__":

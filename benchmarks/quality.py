@@ -237,28 +237,45 @@ def row(results: list[dict]) -> dict:
         "adapter_params": info.get("num_trainable_params", 0) - info.get("num_head_params", 0),
         "head_params": info.get("num_head_params", 0),
         "file_bytes": info.get("file_size", 0),
-        "train_time": statistics.fmean(r["train_info"]["train_time"] for r in ok) if ok else float("nan"),
+        # the median: a seed that shared the cores with another job must not set the column
+        "train_time": statistics.median(r["train_info"]["train_time"] for r in ok) if ok else float("nan"),
         "lr": bench["lr"],
         "label": bench["label"],
         "examples": held_out(ok[0]["train_info"]["metrics"][-1])["examples"] if ok else None,
     }
 
 
+def paired_interval(gaps: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean per-seed gap (a paired t-test: each seed fixes the data split and the init)."""
+    from scipy import stats
+
+    m, s = mean_std(gaps)
+    if s == 0.0:  # identical gaps: the interval collapses (scipy would divide by zero)
+        return m, m
+    half = stats.t.ppf(0.5 + level / 2, len(gaps) - 1) * s / len(gaps) ** 0.5
+    return m - half, m + half
+
+
 def verdict(svfit: dict, lora: dict) -> str:
-    """Paired over the seeds both have (each seed also fixes the data split): mean ± std of the per-seed gap."""
+    """Paired over the seeds both have: the mean per-seed gap, and whether its 95% t-interval excludes zero."""
     seeds = sorted(set(svfit["by_seed"]) & set(lora["by_seed"]))
     if len(seeds) < 2:
         return f"not enough paired seeds ({len(seeds)}) to call"
     gaps = [100 * (svfit["by_seed"][k] - lora["by_seed"][k]) for k in seeds]
     m, s = mean_std(gaps)
-    word = "ties with" if abs(m) <= s else ("beats" if m > 0 else "loses to")
+    low, high = paired_interval(gaps)
+    if low > 0 or high < 0:
+        word = "beats LoRA r=8" if m > 0 else "loses to LoRA r=8"
+    else:
+        side = "ahead" if m > 0 else "behind" if m < 0 else "level"
+        word = f"vs LoRA r=8: not resolved ({side} on average)"
     ratio = lora["adapter_params"] / max(svfit["adapter_params"], 1)
     size = f"{ratio:.1f}× fewer" if ratio >= 1 else f"{1 / ratio:.1f}× more"
     # how coarse the metric is: on a small test slice one example moves accuracy by several points
     n = svfit.get("examples")
     grain = f" on {n} test examples (one example = {100 / n:.1f} points)" if n else ""
-    return (f"SVFit (energy 0.99) {word} LoRA r=8: {m:+.1f} ± {s:.1f} points over {len(seeds)} paired seeds{grain}, "
-            f"with {size} adapter parameters")
+    return (f"SVFit (energy 0.99) {word}: {m:+.1f} ± {s:.1f} points over {len(seeds)} paired seeds, 95% "
+            f"interval {low:+.1f} to {high:+.1f}{grain}, with {size} adapter parameters")
 
 
 def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -> str:
@@ -277,7 +294,9 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         "size within a task; only the learning rate differs, tuned per method on a validation split carved from the "
         "training data (the grid is below). Accuracy is on the held-out test slice, mean ± std over seeds. "
         "*Adapter* counts trainable parameters outside the new task head (the head is the same for every method); "
-        "*file* is the saved adapter's bytes (the whole model for full fine-tuning). Δ vs LoRA is in accuracy points.",
+        "*file* is the saved adapter file's bytes, which include the new task head where the task adds one (the "
+        "parameter table above gives adapter-only sizes; the whole model for full fine-tuning). *train s* is the "
+        "median over seeds. Δ vs LoRA is in accuracy points.",
         "",
     ]
     every = [r for groups in table.values() for runs in groups.values() for r in runs]
@@ -309,7 +328,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
                   f"{first['meta_info']['model_info']['name']} on {first['meta_info']['dataset_info']['name']}: "
                   f"{rtc['train_limit']} training examples, {rtc['epochs']:g} epoch(s), batch {rtc['batch_size']}; "
                   f"test slice of {held_out(first['train_info']['metrics'][-1])['examples'] or rtc['eval_limit']} examples.",
-                  "", "| method | accuracy | Δ vs LoRA | seeds | adapter params | file bytes | lr | train s |",
+                  "", "| method | accuracy | Δ vs LoRA | seeds | adapter params | file bytes (incl. head) | lr | train s |",
                   "|---|---|---|---|---|---|---|---|"]
         lora = rows.get("lora")
         for name in [n for n in VARIANTS if n in rows]:
@@ -321,15 +340,30 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         if lora and "svfit" in rows:
             verdicts.append(f"- **{task}**: {verdict(rows['svfit'], lora)}.")
         lines.append("")
+        for method, reason in _unsupported(groups).items():
+            if method not in rows:
+                lines += [f"Not in this table: **{method}**: {reason}.", ""]
         _bar_plot(plt, task, rows, plots / f"quality-{task}.png")
         lines += [f"![accuracy per method on {task}]({link_prefix}/quality-{task}.png)", ""]
     if verdicts:
-        lines[4:4] = ["**Does SVFit outperform LoRA?** (the paper's claim (b); 'ties' = the mean per-seed gap is "
-                      "within one standard deviation of the gaps)", "", *verdicts, ""]
+        lines[4:4] = ["**Does SVFit outperform LoRA?** (the paper's claim (b)). Each seed pairs the two methods on "
+                      "the same data; 'beats' or 'loses to' only where the 95% Student-t interval of the mean "
+                      "per-seed gap excludes zero, 'not resolved' otherwise.", "", *verdicts, ""]
     lines += _tuning_section(table, results)
     lines += _ablation_section(table, plt, plots, link_prefix)
     lines += _curves_section(table, plt, plots, link_prefix)
     return "\n".join(lines) + "\n"
+
+
+def _unsupported(groups: dict) -> dict[str, str]:
+    """{method: why} for the methods whose tuning runs all failed as unsupported on this task."""
+    why: dict[str, str] = {}
+    for key, runs in groups.items():
+        if key.startswith("tune/"):
+            for r in runs:
+                if r["train_info"].get("status") == "unsupported":
+                    why[r["run_info"]["benchmark"]["variant"]] = r["run_info"].get("error_msg", "").rstrip(".")
+    return why
 
 
 def _bar_plot(plt, task: str, rows: dict, path: Path) -> None:
@@ -354,7 +388,8 @@ def _tuning_section(table, results: Path) -> list[str]:
              "a validation split carved from the training data (seed 0); the best validation accuracy (ties: lower "
              "loss) was used for every seed. SVFit's variants use SVFit's tuned rate. (Text tasks draw their split "
              "per seed, so seed 0's validation texts may sit in another seed's test slice: this touches only the "
-             "choice of learning rate.)", "",
+             "choice of learning rate.) *edge* marks a pick at the end of its grid: that method's best rate may "
+             "lie beyond it, so its row may understate it.", "",
              "| task | method | grid (lr: validation accuracy) | chosen |", "|---|---|---|---|"]
     for task, groups in table.items():
         chosen_path = results / "quality" / task / "tuned_lr.json"
@@ -379,7 +414,9 @@ def _tuning_section(table, results: Path) -> list[str]:
                 lines.append(f"| {task} | {method} | {grid} | "
                              f"{'not run: ' + reason if reason else 'pending: the tuning of this task is incomplete'} |")
             else:
-                lines.append(f"| {task} | {method} | {grid} | {pick:g} |")
+                lrs = [lr for lr, _ in points]
+                edge = " (edge)" if len(lrs) > 1 and pick in (min(lrs), max(lrs)) else ""
+                lines.append(f"| {task} | {method} | {grid} | {pick:g}{edge} |")
     return lines + [""]
 
 
@@ -446,12 +483,17 @@ def _curves_section(table, plt, plots: Path, link_prefix: str) -> list[str]:
         fig.tight_layout()
         fig.savefig(plots / f"curves-{task}.png", dpi=110)
         plt.close(fig)
-        half = {n: (next(s for s, a in zip(c[0], c[1]) if a >= c[1][0] + 0.5 * (max(c[1]) - c[1][0]))
-                    if max(c[1]) > c[1][0] else "never (no gain)")
-                for n, c in curves.items()}
+        # one target for every method (halfway from the common start to the best accuracy any method reached),
+        # so a method that learns less cannot look faster by reaching its own smaller half-gain
+        start = statistics.fmean(c[1][0] for c in curves.values())
+        target = start + 0.5 * (max(max(c[1]) for c in curves.values()) - start)
+        half = {n: next((f"{s}" for s, a in zip(c[0], c[1]) if a >= target), "not reached") for n, c in curves.items()}
+        gaps = [b - a for c in curves.values() for a, b in zip(c[0], c[0][1:])]
+        every = max(set(gaps), key=gaps.count) if gaps else 0  # the last interval may be shorter (the final step)
         out.append(f"![learning curves on {task}]({link_prefix}/curves-{task}.png)")
         out.append("")
-        out.append(f"{task}: steps to reach half of the best accuracy gain: "
+        out.append(f"{task}: steps to reach validation accuracy {target:.3f} (halfway from the start to the best "
+                   f"any method reached; scored every {every} steps): "
                    + ", ".join(f"{n} {s}" for n, s in half.items()) + ".")
         out.append("")
     return out
