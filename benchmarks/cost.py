@@ -112,14 +112,14 @@ def _cases(quick: bool) -> list[Case]:
                  "all-linear", steps=4, warmup=1, infer_reps=2, threads=1),
         ]
     smol_note = ("batch 4 x 256 instead of 8 x 256: a step of 8 x 256 takes 20-40 s on 2 CPU cores, too slow for "
-                 "the time budget; few timed steps, so the IQR is rough")
+                 "the time budget")
     minilm = "MiniLM-L6 (all-MiniLM-L6-v2, pre-trained BERT)"
     smol = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)"
     return [
         Case("minilm-qv", minilm, "minilm", 32, 128, ["query", "value"], "query, value", 10, 2, 3),
         Case("minilm-all", minilm, "minilm", 32, 128, "all-linear", "all-linear", 10, 2, 3),
-        Case("smollm2-qv", smol, "smollm2", 4, 256, ["q_proj", "v_proj"], "q_proj, v_proj", 3, 1, 1, notes=[smol_note]),
-        Case("smollm2-all", smol, "smollm2", 4, 256, "all-linear", "all-linear", 3, 1, 1, notes=[smol_note]),
+        Case("smollm2-qv", smol, "smollm2", 4, 256, ["q_proj", "v_proj"], "q_proj, v_proj", 10, 1, 1, notes=[smol_note]),
+        Case("smollm2-all", smol, "smollm2", 4, 256, "all-linear", "all-linear", 10, 1, 1, notes=[smol_note]),
     ]
 
 
