@@ -102,9 +102,15 @@ def _delta(U: torch.Tensor, c: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         return (U * c.to(U.dtype)) @ V.T
 
 
-def _merged_weight(weight: torch.Tensor, U, c, V, transposed: bool) -> torch.Tensor:
+def _merged_weight(weight: torch.Tensor, U, c, V, transposed: bool = False) -> torch.Tensor:
+    """W0 + U diag(c) V^T in the weight's stored layout: transposed for Conv1D, the kernel's shape for a conv."""
     delta = _delta(U, c, V)
-    return weight + (delta.T if transposed else delta).to(weight.dtype)
+    return weight + (delta.T if transposed else delta.reshape(weight.shape)).to(weight.dtype)
+
+
+def _sigma_grad_from_weight_grad(G: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """dL/dc = diag(U^T G V) for a weight gradient G (d_out, d_in), in float32."""
+    return ((U.float().T @ G.float()) * V.float().T).sum(1)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], transposed: bool) -> torch.Tensor:
@@ -152,8 +158,7 @@ class MergedLinear(Function):
                     grad_c = (saved.float() * (g2.to(U.dtype) @ U).float()).sum(0)
                 else:
                     x2 = saved.reshape(-1, saved.shape[-1])
-                    G = (g2.T @ x2.to(g2.dtype)).float()  # the weight gradient, (d_out, d_in)
-                    grad_c = ((U.float().T @ G) * V.float().T).sum(1)
+                    grad_c = _sigma_grad_from_weight_grad(g2.T @ x2.to(g2.dtype), U, V)  # from the weight gradient
                 grad_c = grad_c.to(c.dtype)
             if ctx.needs_input_grad[3]:
                 grad_bias = g2.sum(0)
@@ -175,7 +180,7 @@ class MergedConv(Function):
 
     @staticmethod
     def forward(ctx, x, c, weight, bias, U, V, stride, padding, dilation):
-        W = weight + _delta(U, c, V).reshape(weight.shape).to(weight.dtype)
+        W = _merged_weight(weight, U, c, V)
         conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]  # what the base's forward calls, also under autocast
         y = conv(x, W, bias, stride, padding, dilation, 1)
         ctx.conv = (stride, padding, dilation)
@@ -190,15 +195,14 @@ class MergedConv(Function):
         stride, padding, dilation = ctx.conv
         need_x, need_c, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         with _no_autocast(g.device.type):
-            W = (weight + _delta(U, c, V).reshape(weight.shape).to(weight.dtype)).to(g.dtype)
+            W = _merged_weight(weight, U, c, V).to(g.dtype)
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 g, x.to(g.dtype), W, [W.shape[0]] if ctx.has_bias else None, stride, padding, dilation, False,
                 [0] * len(stride), 1, [need_x, need_c, need_b and ctx.has_bias],
             )
             grad_c = None
             if need_c:
-                G = grad_w.reshape(W.shape[0], -1).float()
-                grad_c = ((U.float().T @ G) * V.float().T).sum(1).to(c.dtype)
+                grad_c = _sigma_grad_from_weight_grad(grad_w.reshape(W.shape[0], -1), U, V).to(c.dtype)
         return (grad_x.to(x.dtype) if need_x else None), grad_c, None, (grad_b if need_b else None), None, None, \
             None, None, None
 
