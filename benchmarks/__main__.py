@@ -10,21 +10,13 @@ from typing import Optional
 
 import typer
 
-from svfit.train.results import meta_info, now_iso, system_info, write_json
+from svfit.train.results import machine_name, meta_info, now_iso, system_info, write_json
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PARTS = ("params", "quality", "dreambooth", "cost", "scaling")  # cost and scaling time things: they run last, alone
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-
-def _cpu_name(system: dict) -> str:
-    """platform.processor() is often empty on Linux and falls back to the machine type: name it once, with the
-    CPU model where the results recorded it."""
-    machine, processor = system.get("machine") or "", system.get("processor") or ""
-    name = machine if processor in ("", machine) else f"{machine} {processor}"
-    return f"{name} ({system['cpu_model']})" if system.get("cpu_model") else name
 
 
 def _provenance(results: Path) -> str:
@@ -144,7 +136,7 @@ def report(
         "hand); `python -m benchmarks run` re-measures. Every number was measured by us, every ratio against LoRA in "
         "the same run on the same machine. Nothing is quoted from the SVFit paper.",
         "",
-        f"Machine: {_cpu_name(system)}, {system.get('cpu_count')} CPU cores, "
+        f"Machine: {machine_name(system)}, {system.get('cpu_count')} CPU cores, "
         f"torch threads {system.get('torch_threads')}, accelerator: {system.get('accelerator')}. {when}",
         "",
     ]

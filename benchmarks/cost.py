@@ -729,6 +729,8 @@ def _fmt_ratio(r) -> str:
 
 
 def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -> str:
+    from svfit.train.results import machine_name
+
     runs = _load_results(results)
     head = "## Cost of SVFit against LoRA r=8 (time, memory, init, load, file size)\n\n"
     if not runs:
@@ -751,7 +753,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         return "\n".join(lines) + "\n"
     sysinfo = done[0]["meta_info"]["system_info"]
     lines.append(
-        f"Machine: {sysinfo.get('processor')}, {sysinfo.get('cpu_count')} CPU cores, accelerator: "
+        f"Machine: {machine_name(sysinfo)}, {sysinfo.get('cpu_count')} CPU cores, accelerator: "
         f"{sysinfo.get('accelerator')}. The load average is the machine's 1-minute load before and after each case: "
         "above the torch thread count, other work was competing for the cores."
         + (" **Quick run (tiny random models): for checking the code, not for quoting.**"

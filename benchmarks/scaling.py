@@ -22,11 +22,11 @@ the models take turns step by step so that machine load hits them alike.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -284,6 +284,8 @@ def _fmt_s(x) -> str:
 
 
 def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -> str:
+    from svfit.train.results import machine_name
+
     head = "## Scaling with width (square linear layers)"
     path = Path(results) / NAME / FILE
     try:
@@ -299,7 +301,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         f"One `nn.Linear(n, n)` per width; SVD floor = `torch.linalg.svd` of the same matrix; init = `get_peft_model` "
         f"wall time; step = forward + backward (input gradient included) + AdamW on {ri['tokens_per_step']} tokens, "
         f"the models taking turns. Matrices: **random** = {ri['matrices']['random']}; **low-rank + noise** = "
-        f"{ri['matrices']['lowrank+noise']}. Machine: {sysinfo.get('processor')}, {sysinfo.get('cpu_count')} CPU "
+        f"{ri['matrices']['lowrank+noise']}. Machine: {machine_name(sysinfo)}, {sysinfo.get('cpu_count')} CPU "
         f"cores, torch threads {ri.get('torch_threads')}, accelerator: {sysinfo.get('accelerator')}; 1-minute load "
         f"average {ri['load_average_before'][0]:.1f} before, {ri['load_average_after'][0]:.1f} after (above the "
         "thread count, other work was competing for the cores)."

@@ -59,9 +59,9 @@ def _cpu_model() -> str | None:
 
 
 def code_version() -> dict[str, Any]:
-    """The svfit source a number came from: its version, and the git commit when run from a checkout (with
-    "dirty" when the tree had uncommitted changes)."""
-    info: dict[str, Any] = {"svfit": package_info()["svfit-version"], "git_commit": None, "git_dirty": None}
+    """The svfit source a number came from beyond its version (package_info has that): the git commit when run
+    from a checkout, with "dirty" when the tree had uncommitted changes."""
+    info: dict[str, Any] = {"git_commit": None, "git_dirty": None}
     here = Path(__file__).resolve().parent
     try:
         run = lambda *args: subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)  # noqa: E731
@@ -73,6 +73,14 @@ def code_version() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (an installed wheel)
         pass
     return info
+
+
+def machine_name(system: dict) -> str:
+    """The machine as reports name it, from a recorded system_info: platform.processor() is often empty on Linux
+    and falls back to the machine type, so that is named once, with the CPU model where it was recorded."""
+    machine, processor = system.get("machine") or "", system.get("processor") or ""
+    name = machine if processor in ("", machine) else f"{machine} {processor}"
+    return f"{name} ({system['cpu_model']})" if system.get("cpu_model") else name
 
 
 def peak_memory() -> dict[str, int]:
