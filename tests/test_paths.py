@@ -147,6 +147,12 @@ def _adapted(compute_path, dtype=torch.float32, **kw):
     return model
 
 
+def _set_shift(layer, shift, adapter="default"):
+    """Set the trained vector so that the singular values move by ``shift`` (the vector is in units of
+    ``svfit_unit``)."""
+    layer.svfit_vector[adapter].data = (shift / layer.svfit_unit[adapter]).to(layer.svfit_vector[adapter].dtype)
+
+
 def _svfit_layers(model):
     return [m for m in model.modules() if isinstance(m, SVFitLayer)]
 
@@ -159,7 +165,7 @@ def test_each_compute_path_trains_the_same_model_as_the_reference(compute_path):
     for m in (fast, ref):  # same random init in both
         for layer in _svfit_layers(m):
             torch.manual_seed(7)
-            layer.svfit_vector["default"].data = 0.1 * torch.randn_like(layer.svfit_vector["default"])
+            _set_shift(layer, 0.1 * torch.randn_like(layer.svfit_vector["default"]))
     out, out_ref = fast(x), ref(x)
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
@@ -226,7 +232,7 @@ def test_svd_cache_reuses_a_factorisation_and_survives_a_corrupt_entry(tmp_path,
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr("svfit.tuner.layer.thin_svd", counting)
+    monkeypatch.setattr("svfit.tuner.factorization.thin_svd", counting)
     svfit.set_svd_cache(tmp_path)
     try:
         first = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
@@ -320,7 +326,7 @@ def test_conv_layers_merge_when_they_can_and_match_the_reference(padding_mode):
                                                              init_weights=False))
     for m in (fast, ref):
         layer = _svfit_layers(m)[0]
-        layer.svfit_vector["default"].data = 0.1 * torch.arange(layer.svfit_vector["default"].numel()).float()
+        _set_shift(layer, 0.1 * torch.arange(layer.svfit_vector["default"].numel()).float())
     expected_path = "merged" if padding_mode == "zeros" else "reference"  # reflect padding is not merged
     assert _svfit_layers(fast)[0].compute_path_for(x)[0] == expected_path
     out, out_ref = fast(x), ref(x)
@@ -441,7 +447,7 @@ def test_svd_cache_serves_the_reload_of_a_threshold_adapter(tmp_path, monkeypatc
     try:
         model = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
         model.save_pretrained(tmp_path / "adapter")
-        monkeypatch.setattr("svfit.tuner.layer.thin_svd", lambda *a, **k: pytest.fail("SVD recomputed on reload"))
+        monkeypatch.setattr("svfit.tuner.factorization.thin_svd", lambda *a, **k: pytest.fail("SVD recomputed on reload"))
         loaded = PeftModel.from_pretrained(_MLP(), tmp_path / "adapter")  # recorded int ranks hit the cache
         x = torch.randn(2, 16)
         assert torch.equal(loaded(x), model(x))

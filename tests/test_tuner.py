@@ -31,7 +31,8 @@ def perturb(model, scale=0.5, seed=1, adapter="default"):
         for name, p in model.named_parameters():
             if f"svfit_vector.{adapter}" in name:
                 sigma = _sigma_for(model, name, adapter)
-                p.add_(scale * sigma * torch.randn(p.shape, generator=g))
+                unit = model.get_submodule(name.rsplit(".svfit_vector", 1)[0]).svfit_unit[adapter]
+                p.add_(scale * sigma * torch.randn(p.shape, generator=g) / unit)  # a shift of ~scale * sigma
 
 
 def _sigma_for(model, param_name, adapter):

@@ -37,7 +37,7 @@ def spectra(model: nn.Module, adapter_name: str = "default", trained: bool = Tru
         if trained:
             adapted = adapted_singular_values(
                 vector, layer.svfit_sigma[adapter_name], layer.svfit_parametrization[adapter_name],
-                layer.svfit_nonneg[adapter_name],
+                layer.svfit_nonneg[adapter_name], layer.svfit_unit.get(adapter_name, 1.0),
             ).float()
         rows.append(
             ModuleSpectrum(

@@ -29,13 +29,16 @@ Parametrization = Literal["delta", "sigma", "scale"]
 PARAMETRIZATIONS = ("delta", "sigma", "scale")
 
 
-def initial_vector(sigma: torch.Tensor, parametrization: Parametrization, random: bool = False) -> torch.Tensor:
+def initial_vector(
+    sigma: torch.Tensor, parametrization: Parametrization, random: bool = False, unit: float = 1.0
+) -> torch.Tensor:
     """The vector that leaves the model unchanged (or, with ``random``, a reproducible non-identity perturbation
-    of relative size ~0.2 drawn from the global RNG, PEFT's ``init_weights=False`` test convention)."""
+    of relative size ~0.2 drawn from the global RNG, PEFT's ``init_weights=False`` test convention). ``unit`` is
+    the delta vector's unit (see ``singular_value_shift``)."""
     sigma = sigma.float()
     eps = 0.2 * torch.randn(sigma.shape, device=sigma.device) if random else torch.zeros_like(sigma)
     if parametrization == "delta":
-        return sigma * eps
+        return sigma * eps / unit
     if parametrization == "sigma":
         return sigma + sigma * eps
     if parametrization == "scale":
@@ -44,16 +47,22 @@ def initial_vector(sigma: torch.Tensor, parametrization: Parametrization, random
 
 
 def singular_value_shift(
-    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False
+    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False,
+    unit: float = 1.0,
 ) -> torch.Tensor:
     """c = (adapted singular values) - sigma_r, in the dtype of the trained vector.
+
+    ``unit`` scales the ``delta`` vector: c = unit * delta (``SVFitConfig.scaling`` times the matrix's rms singular
+    value), so that an optimiser step of a given size moves every matrix by the same share of its own spectrum, at
+    the learning rates other PEFT methods use. The other parametrizations take ``unit`` = 1.
 
     ``sigma`` is cast to the vector's dtype first, so that ``s - sigma`` is exactly zero at init even when the vector
     was created from sigma at a lower precision.
     """
     sigma = sigma.to(vector.dtype)
     if parametrization == "delta":
-        return torch.relu(sigma + vector) - sigma if nonneg else vector
+        shift = vector * unit if unit != 1.0 else vector
+        return torch.relu(sigma + shift) - sigma if nonneg else shift
     if parametrization == "sigma":
         new = torch.relu(vector) if nonneg else vector
         return new - sigma
@@ -64,18 +73,20 @@ def singular_value_shift(
 
 
 def adapted_singular_values(
-    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False
+    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False,
+    unit: float = 1.0,
 ) -> torch.Tensor:
     """The singular values the adapted weight has on the kept subspace (for inspection and plots)."""
-    return sigma.to(vector.dtype) + singular_value_shift(vector, sigma, parametrization, nonneg)
+    return sigma.to(vector.dtype) + singular_value_shift(vector, sigma, parametrization, nonneg, unit)
 
 
 def relative_shift(
-    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False
+    vector: torch.Tensor, sigma: torch.Tensor, parametrization: Parametrization, nonneg: bool = False,
+    unit: float = 1.0,
 ) -> torch.Tensor:
     """c / sigma_r, what the one-basis compute paths scale by (U diag(c) V^T = U diag(c / sigma) U^T W0). Under
     ``scale`` this is z - 1 with no division; otherwise the caller checks that sigma_r is well conditioned."""
     if parametrization == "scale":
         z = torch.relu(vector) if nonneg else vector
         return z - 1.0
-    return singular_value_shift(vector, sigma, parametrization, nonneg) / sigma.to(vector.dtype)
+    return singular_value_shift(vector, sigma, parametrization, nonneg, unit) / sigma.to(vector.dtype)

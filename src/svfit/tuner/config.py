@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -16,6 +17,8 @@ from ..core.spectrum import INFORMATION_MEASURES, SVD_DTYPES
 from .peft_type import SVFIT_PEFT_TYPE
 
 BIAS_OPTIONS = ("none", "all", "svfit_only")
+DEFAULT_SCALING = 500.0  # chosen by measurement: BENCHMARKS.md, "Drop-in learning rates"
+SCALING_SINCE = Version("0.2.0")  # adapters written by older versions trained the raw shift
 
 
 @dataclass
@@ -37,6 +40,12 @@ class SVFitConfig(PeftConfig):
             threshold float in (0, 1]. Keys are matched like LoRA's ``rank_pattern``.
 
     Training:
+        scaling: what a unit of the trained ``delta`` vector moves a singular value by, as a multiple of the
+            matrix's rms singular value (||W0||_F / sqrt(n)); the ``lora_alpha`` of SVFit. The default
+            (``DEFAULT_SCALING``) makes the learning rates of LoRA recipes (1e-4 to 3e-4, and Trainer's 5e-5) work
+            unchanged, and the same learning rate mean the same relative step on every model whatever its weight
+            scale. ``None`` trains the raw shift (c = delta, svfit < 0.2's behaviour): learning rates then live in
+            singular-value units, around 5e-2 to 2e-1 (SVFT's priors). Applies to ``delta`` only.
         parametrization: ``"delta"`` (default; trains a shift of the singular values, init 0), ``"sigma"`` (trains
             the singular values themselves, init sigma) or ``"scale"`` (trains a multiplicative factor, init 1).
             See ``svfit.core.parametrization`` for why delta is the default.
@@ -50,7 +59,13 @@ class SVFitConfig(PeftConfig):
             r is much smaller than min(d_out, d_in)).
         svd_dtype: ``"float32"`` (default) or ``"float64"``; the SVD never runs in the model's half precision.
         svd_niter, svd_oversample, svd_seed: power iterations, oversampling and seed of the randomized SVD.
-        svd_device: ``"auto"`` (where the weight lives) or ``"cpu"``.
+        svd_device: ``"auto"`` (an accelerator when one is present, else where the weight lives), ``"cpu"``, or
+            a device such as ``"cuda"`` / ``"cuda:1"``: a CPU-resident weight is factorised there one matrix at a
+            time and its bases come back to the weight's device.
+        svd_split: under ``torch.distributed`` (DDP/FSDP via torchrun or accelerate), share the SVDs between the
+            ranks and broadcast the results (default ``True``): every rank must then create the adapter (or load
+            it) at the same time, as for any collective; one that does so alone waits
+            ``SVFIT_SVD_SPLIT_TIMEOUT`` seconds (60) and then factorises everything itself.
 
     Storage:
         save_bases: ``False`` (default) saves only the trained singular values (plus the ranks and base-weight
@@ -96,6 +111,13 @@ class SVFitConfig(PeftConfig):
         default_factory=dict,
         metadata={"help": "Per-module rank overrides {pattern: int | 'full' | threshold float}."},
     )
+    scaling: Optional[Union[float, str]] = field(
+        default="auto",
+        metadata={
+            "help": "Step unit of the delta vector, in rms singular values of each matrix ('auto': the default "
+            "for new adapters; None: raw shift in singular-value units)."
+        },
+    )
     parametrization: Literal["delta", "sigma", "scale"] = field(
         default="delta", metadata={"help": "What the trained vector is: a shift, the values, or a scale."}
     )
@@ -132,7 +154,12 @@ class SVFitConfig(PeftConfig):
     svd_niter: int = field(default=4, metadata={"help": "Power iterations of the randomized SVD."})
     svd_oversample: int = field(default=8, metadata={"help": "Oversampling of the randomized SVD."})
     svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
-    svd_device: Literal["auto", "cpu"] = field(default="auto", metadata={"help": "Where to run the SVD."})
+    svd_device: str = field(
+        default="auto", metadata={"help": "Where to run the SVD: 'auto' (accelerator if present), 'cpu', 'cuda'..."}
+    )
+    svd_split: bool = field(
+        default=True, metadata={"help": "Share the SVDs between torch.distributed ranks and broadcast them."}
+    )
     save_bases: bool = field(default=False, metadata={"help": "Also save U_r, V_r, sigma_r (bigger file)."})
     bases_dtype: Literal["float32", "base"] = field(
         default="float32", metadata={"help": "Storage dtype of U_r and V_r."}
@@ -156,6 +183,10 @@ class SVFitConfig(PeftConfig):
         self.rank_pattern = dict(self.rank_pattern or {})
         self.resolved_ranks = {str(k): int(v) for k, v in (self.resolved_ranks or {}).items()}
         self.base_fingerprints = dict(self.base_fingerprints or {})
+        if self.scaling == "auto":
+            # new adapters get the default unit; a config written before the field existed trained the raw shift
+            legacy = Version(str(self.svfit_version)) < SCALING_SINCE
+            self.scaling = None if legacy or self.parametrization != "delta" else DEFAULT_SCALING
         self._validate()
 
     def _validate(self) -> None:
@@ -171,7 +202,18 @@ class SVFitConfig(PeftConfig):
         _check_choice("bias", self.bias, BIAS_OPTIONS)
         _check_choice("svd", self.svd, ("full", "lowrank"))
         _check_choice("svd_dtype", self.svd_dtype, tuple(SVD_DTYPES))
-        _check_choice("svd_device", self.svd_device, ("auto", "cpu"))
+        _check_svd_device(self.svd_device)
+        if self.scaling is not None:
+            if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) or not (
+                math.isfinite(self.scaling) and self.scaling > 0
+            ):
+                raise ValueError(f"scaling must be a positive float, None or 'auto'; got {self.scaling!r}")
+            if self.parametrization != "delta":
+                raise ValueError(
+                    f"scaling applies to parametrization='delta' only (the '{self.parametrization}' vector has its "
+                    "own units); leave scaling unset"
+                )
+            self.scaling = float(self.scaling)
         _check_choice("bases_dtype", self.bases_dtype, ("float32", "base"))
         _check_choice("compute_path", self.compute_path, COMPUTE_PATHS)
         for name in ("svd_niter", "svd_oversample"):
@@ -223,6 +265,19 @@ def check_rank_spec(spec, what: str, *, allow_none: bool, allow_threshold: bool)
     hint = "an int, 'full' or a threshold float in (0, 1]" if allow_threshold else "None, an int or 'full'"
     extra = " (for a spectrum share use threshold=...)" if isinstance(spec, float) and not allow_threshold else ""
     raise ValueError(f"{what} must be {hint}, got {spec!r}{extra}")
+
+
+def _check_svd_device(value) -> None:
+    if value in ("auto", "cpu"):
+        return
+    try:
+        import torch
+
+        torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"svd_device must be 'auto', 'cpu' or a torch device such as 'cuda' or 'cuda:1'; got {value!r}"
+        ) from exc
 
 
 def _check_choice(name: str, value, choices) -> None:

@@ -21,36 +21,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.fingerprint import Fingerprint, fingerprint
-from ..core import cache as svd_cache
 from ..core import paths
+from ..core.fingerprint import Fingerprint
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
-from ..core.spectrum import SVD_DTYPES, thin_svd
+from .factorization import Factorization, factorize_modules, shift_unit, skips_svd, weight_matrix
+from .guards import check_supported_weight, global_module_hooks, under_init_empty_weights
 
 # Singular vectors are unique only up to rotations within blocks of equal singular values. Below this gap (relative
 # to sigma_1) between neighbours in or at the edge of the kept block, a recomputed SVD may pick different vectors,
 # so the bases of that module are saved with the adapter.
 DEGENERATE_GAP = 1e-6
-
-# Modules from these packages hold quantized weights that an SVD must not see.
-_QUANTIZED_MODULE_PREFIXES = (
-    "bitsandbytes",
-    "auto_gptq",
-    "gptqmodel",
-    "awq",
-    "hqq",
-    "optimum.quanto",
-    "quanto",
-    "torchao",
-    "eetq",
-    "fbgemm_gpu",
-    "compressed_tensors",
-    "aqlm",
-    "vptq",
-    "transformers.integrations",
-)
-_QUANTIZED_ATTRIBUTES = ("qweight", "quant_state", "W_q", "weight_scale", "weight_scale_inv", "SCB")
-
 
 @dataclass
 class SpectrumInfo:
@@ -70,42 +50,6 @@ class SpectrumInfo:
         return self.randomized or self.min_gap < DEGENERATE_GAP
 
 
-def check_supported_weight(module: nn.Module, name: str = "") -> None:
-    """Refuse quantized or integer weights, detected by class rather than by dtype (4-bit float-storage
-    parameters look like ordinary float tensors)."""
-    where = f"'{name}'" if name else type(module).__name__
-    cls = type(module)
-    weight = getattr(module, "weight", None)
-    if weight is not None and (_is_dtensor(weight) or hasattr(weight, "ds_id")):
-        kind = "an FSDP2/tensor-parallel DTensor" if _is_dtensor(weight) else "a DeepSpeed ZeRO-3 partition"
-        raise TypeError(
-            f"SVFit cannot adapt {where}: its weight is already sharded ({kind}). The SVD needs the whole weight, "
-            "and the trained singular values must be sharded and reduced by the same engine as the rest: apply "
-            "get_peft_model first, then shard (fully_shard / accelerate.prepare / deepspeed.initialize)."
-        )
-    reason = None
-    if cls.__module__.startswith(_QUANTIZED_MODULE_PREFIXES):
-        reason = f"it is a {cls.__module__}.{cls.__name__} layer"
-    elif any(hasattr(module, a) for a in _QUANTIZED_ATTRIBUTES):
-        reason = f"it carries quantization state ({', '.join(a for a in _QUANTIZED_ATTRIBUTES if hasattr(module, a))})"
-    elif weight is not None and type(weight) not in (torch.Tensor, nn.Parameter):
-        reason = f"its weight is a {type(weight).__module__}.{type(weight).__name__}, not a plain tensor"
-    elif weight is not None and not weight.is_floating_point():
-        reason = f"its weight is stored as {weight.dtype}"
-    if reason is None and weight is not None and weight.device.type == "meta":
-        raise ValueError(
-            f"SVFit cannot adapt {where}: its weight is on the meta device (not loaded yet, or offloaded by a "
-            "device_map). SVFit takes the SVD of the actual weight: load the model with real weights (no "
-            "init_empty_weights, no disk/CPU offload in device_map) before applying SVFit."
-        )
-    if reason:
-        raise TypeError(
-            f"SVFit cannot adapt {where}: {reason}. SVFit needs the full-precision weight for its SVD. Load the base "
-            "model without quantization (drop quantization_config / load_in_4bit / load_in_8bit) or dequantize it "
-            "first (e.g. model.dequantize()), then apply SVFit; or exclude this module via exclude_modules."
-        )
-
-
 class SVFitLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("svfit_vector",)
     other_param_names: tuple[str, ...] = (
@@ -115,6 +59,7 @@ class SVFitLayer(BaseTunerLayer):
         "svfit_info",
         "svfit_parametrization",
         "svfit_nonneg",
+        "svfit_unit",
         "svfit_bases_dtype",
         "svfit_compute_path",
     )
@@ -130,6 +75,7 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_info: dict[str, SpectrumInfo] = {}
         self.svfit_parametrization: dict[str, str] = {}
         self.svfit_nonneg: dict[str, bool] = {}
+        self.svfit_unit: dict[str, float] = {}  # c = unit * trained vector (delta); see SVFitConfig.scaling
         self.svfit_bases_dtype: dict[str, str] = {}
         self.svfit_compute_path: dict[str, str] = {}
         self._one_basis: dict[str, bool] = {}
@@ -143,7 +89,7 @@ class SVFitLayer(BaseTunerLayer):
 
     def _weight_matrix(self) -> torch.Tensor:
         """The base weight as a (d_out, d_in) matrix (a view, never a copy to be written)."""
-        raise NotImplementedError
+        return weight_matrix(self.get_base_layer())
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """Map a (d_out, d_in) delta to the stored layout of the base weight."""
@@ -161,7 +107,10 @@ class SVFitLayer(BaseTunerLayer):
         rank_spec,
         recorded_fingerprint: Optional[Fingerprint] = None,
         inference_mode: bool = False,
+        factorization: Optional[Factorization] = None,
     ) -> SpectrumInfo:
+        """Add an adapter. ``factorization`` is this weight's SVD when the tuner computed it in a batch with the
+        others (``svfit.tuner.factorization``); without it the SVD runs here."""
         base = self.get_base_layer()
         check_supported_weight(base)
         if self.merged:
@@ -170,17 +119,13 @@ class SVFitLayer(BaseTunerLayer):
                 f"cannot add SVFit adapter '{adapter_name}' while adapters {self.merged_adapters} are merged into "
                 "the base weights: call unmerge_adapter() first"
             )
-        W = self._weight_matrix()
-        svd_device = "cpu" if config.svd_device == "cpu" else None
-        on_meta = _under_init_empty_weights()
+        W = weight_matrix(base)
+        d_out, d_in = W.shape
         bases_dtype = torch.float32 if config.bases_dtype == "float32" else W.dtype
-
         randomized = config.svd == "lowrank" and rank_spec != "full"
-        bases_in_checkpoint = config.save_bases or randomized
-        if on_meta and bases_in_checkpoint and isinstance(rank_spec, int) and recorded_fingerprint is not None:
+        if skips_svd(config, rank_spec, recorded_fingerprint, under_init_empty_weights()):
             # low_cpu_mem_usage load of a checkpoint that carries its bases: skip the SVD; the state dict fills
             # these placeholders (zeros, so a missing key shows as "no update" rather than as garbage)
-            d_out, d_in = W.shape
             r = min(rank_spec, d_out, d_in)
             U = torch.zeros(d_out, r, device=W.device, dtype=bases_dtype)
             V = torch.zeros(d_in, r, device=W.device, dtype=bases_dtype)
@@ -189,35 +134,26 @@ class SVFitLayer(BaseTunerLayer):
                 (d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint, randomized
             )
         else:
-            fp = fingerprint(base.weight)
-            settings = dict(
-                method=config.svd, dtype=SVD_DTYPES[config.svd_dtype], niter=config.svd_niter,
-                oversample=config.svd_oversample, seed=config.svd_seed, device=svd_device,
-            )
-            # the factored matrix is identified by the stored weight's bytes plus how it was laid out as a matrix
-            # (Conv1D factors the transpose of the same bytes an nn.Linear would)
-            layout = dict(layer=type(self).__name__, transposed=getattr(self, "is_conv1d", False), matrix=list(W.shape))
-
-            def key(rank):
-                return svd_cache.cache_key(fp.hash, rank=rank, information=config.information,
-                                           where=(svd_device or W.device.type), **layout, **settings)
-
-            exact = config.svd == "full" or rank_spec == "full"
-            svd = svd_cache.cached(
-                key(rank_spec), lambda: thin_svd(W, rank_spec, config.information, **settings),
-                svd_device or W.device, rank_key=key if exact else None,
-            )
+            if factorization is None:
+                done, _ = factorize_modules({"": (base, rank_spec)}, config, {"": type(self).__name__})
+                factorization = done[""]
+            fp, svd = factorization.fingerprint, factorization.svd
             if svd.r == 0:
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
             U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
             info = SpectrumInfo(
                 tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized
             )
+        # the unit of the trained vector (config.scaling): from the fingerprint the adapter records, so that a reload
+        # onto a copy of the base in another dtype uses the very same number
+        self.svfit_unit[adapter_name] = shift_unit(config, recorded_fingerprint or info.fingerprint, min(d_out, d_in))
 
         self.svfit_U[adapter_name] = U
         self.svfit_V[adapter_name] = V
         self.svfit_sigma[adapter_name] = S
-        vector = initial_vector(S, config.parametrization, random=not config.init_weights)
+        vector = initial_vector(
+            S, config.parametrization, random=not config.init_weights, unit=self.svfit_unit[adapter_name]
+        )
         self.svfit_vector[adapter_name] = nn.Parameter(vector)
         self.svfit_info[adapter_name] = info
         self.svfit_parametrization[adapter_name] = config.parametrization
@@ -271,6 +207,7 @@ class SVFitLayer(BaseTunerLayer):
             self.svfit_sigma[adapter_name],
             self.svfit_parametrization[adapter_name],
             self.svfit_nonneg[adapter_name],
+            self.svfit_unit.get(adapter_name, 1.0),
         )
 
     def _delta_matrix(self, adapter_name: str) -> torch.Tensor:
@@ -385,7 +322,7 @@ class SVFitLayer(BaseTunerLayer):
             and type(base) in types
             and not (
                 base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
-                or hasattr(base, "_hf_hook") or _global_module_hooks()
+                or hasattr(base, "_hf_hook") or global_module_hooks()
             )
             and not base.weight.requires_grad
         )
@@ -411,16 +348,17 @@ class SVFitLayer(BaseTunerLayer):
 class Linear(nn.Module, SVFitLayer):
     """SVFit on nn.Linear, or on transformers' Conv1D (GPT-2), whose weight is stored transposed (d_in, d_out)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None,
+        factorization: Optional[Factorization] = None,
+    ):
         super().__init__()
         SVFitLayer.__init__(self, base_layer)
         self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
-
-    def _weight_matrix(self) -> torch.Tensor:
-        W = self.get_base_layer().weight
-        return W.T if self.is_conv1d else W
+        self.update_layer(
+            adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode, factorization=factorization
+        )
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.is_conv1d else delta
@@ -441,7 +379,8 @@ class Linear(nn.Module, SVFitLayer):
                 x, self.singular_value_shift(name), base.weight, base.bias, U, V, transposed=self.is_conv1d
             )
         s = relative_shift(
-            self.svfit_vector[name], self.svfit_sigma[name], self.svfit_parametrization[name], self.svfit_nonneg[name]
+            self.svfit_vector[name], self.svfit_sigma[name], self.svfit_parametrization[name], self.svfit_nonneg[name],
+            self.svfit_unit.get(name, 1.0),
         )
         if path == "input":
             return base(paths.project_input(x, s, V))
@@ -489,7 +428,10 @@ class Conv(nn.Module, SVFitLayer):
     base), a per-channel scale by c, and a 1x1 convolution with U_r.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None,
+        factorization: Optional[Factorization] = None,
+    ):
         super().__init__()
         SVFitLayer.__init__(self, base_layer)
         base = self.get_base_layer()
@@ -500,11 +442,9 @@ class Conv(nn.Module, SVFitLayer):
             )
         self._conv_nd = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base.weight.dim() - 2]
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
-
-    def _weight_matrix(self) -> torch.Tensor:
-        W = self.get_base_layer().weight
-        return W.reshape(W.shape[0], -1)
+        self.update_layer(
+            adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode, factorization=factorization
+        )
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.reshape(self.get_base_layer().weight.shape)
@@ -561,14 +501,16 @@ class Conv(nn.Module, SVFitLayer):
 class Embedding(nn.Module, SVFitLayer):
     """SVFit on nn.Embedding: the (num_embeddings, dim) table is factored; the branch looks up rows of U_r."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None,
+        factorization: Optional[Factorization] = None,
+    ):
         super().__init__()
         SVFitLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode)
-
-    def _weight_matrix(self) -> torch.Tensor:
-        return self.get_base_layer().weight
+        self.update_layer(
+            adapter_name, config, rank_spec, recorded_fingerprint, config.inference_mode, factorization=factorization
+        )
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
@@ -588,42 +530,21 @@ def _after_state_dict_load(module: "SVFitLayer", incompatible_keys) -> None:
     module._refresh_one_basis()
 
 
-def _global_module_hooks() -> bool:
-    from torch.nn.modules import module as m
-
-    return bool(
-        m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
-        or m._global_backward_pre_hooks
-    )
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def _under_init_empty_weights() -> bool:
-    """True inside accelerate's init_empty_weights (PEFT's low_cpu_mem_usage), which puts new parameters on meta."""
-    probe = nn.Module()
-    probe.register_parameter("p", nn.Parameter(torch.empty(0)))
-    return probe.p.device.type == "meta"
-
-
-def dispatch(target: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None, name: str = ""):
+def dispatch(
+    target: nn.Module, adapter_name: str, config, rank_spec, recorded_fingerprint=None, name: str = "",
+    factorization: Optional[Factorization] = None,
+):
     """Wrap ``target`` in the SVFit layer for its type, or raise a clear error."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     check_supported_weight(base, name)
     if isinstance(base, (nn.Linear, Conv1D)):
         if config.fan_in_fan_out and isinstance(base, nn.Linear):
             warnings.warn(f"fan_in_fan_out=True is ignored for nn.Linear '{name}' (its weight is (out, in))")
-        return Linear(target, adapter_name, config, rank_spec, recorded_fingerprint)
+        return Linear(target, adapter_name, config, rank_spec, recorded_fingerprint, factorization)
     if isinstance(base, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return Conv(target, adapter_name, config, rank_spec, recorded_fingerprint)
+        return Conv(target, adapter_name, config, rank_spec, recorded_fingerprint, factorization)
     if isinstance(base, nn.Embedding):
-        return Embedding(target, adapter_name, config, rank_spec, recorded_fingerprint)
+        return Embedding(target, adapter_name, config, rank_spec, recorded_fingerprint, factorization)
     raise TypeError(
         f"SVFit cannot adapt '{name}' of type {type(base).__name__}: supported are nn.Linear, transformers Conv1D, "
         "nn.Conv1d/2d/3d (groups=1) and nn.Embedding. Adjust target_modules."

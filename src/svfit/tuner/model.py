@@ -18,6 +18,8 @@ from torch import nn
 
 from ..core.fingerprint import Fingerprint, compare
 from .config import SVFitConfig
+from .factorization import factorize_modules, layer_kind, skips_svd
+from .guards import check_supported_weight
 from .layer import SVFitLayer, dispatch
 from .summary import ModuleSummary, summarize
 
@@ -43,6 +45,12 @@ class SVFitModel(BaseTuner):
     prefix: str = "svfit_"
     tuner_layer_cls = SVFitLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        # per adapter: how its SVDs ran (matrices factorised by this rank, workers, device, seconds)
+        self.svfit_init_report: dict = {}
+        self._svfit_factorized: dict = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # -- injection ---------------------------------------------------------------------------------------------
 
@@ -82,13 +90,21 @@ class SVFitModel(BaseTuner):
                 )
                 config.resolved_ranks, config.base_fingerprints = {}, {}
                 setattr(config, _RECHOSEN, True)  # loading trained weights into it is refused (they belong elsewhere)
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
+        # every SVD of this adapter in one batch (in parallel, on the accelerator, or shared between ranks); a
+        # module the plan misses is factorised by its layer
+        self._svfit_factorized, report = self._factorize_targets(model, config, low_cpu_mem_usage, state_dict)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        finally:
+            self._svfit_factorized = {}
+        if report is not None:
+            self.svfit_init_report[adapter_name] = report
         if reused and not getattr(config, _RECHOSEN, False) and _same_records(config, original):
             # nothing this model recorded differs from the first one's: keep sharing the user's object (PEFT
             # expects peft_config[name] to be the very config passed in)
@@ -114,16 +130,42 @@ class SVFitModel(BaseTuner):
         recorded_fp = Fingerprint.from_json(recorded_fp) if recorded_fp is not None else None
         rank_spec = recorded_r if recorded_r is not None else config.rank_spec_for(current_key)
 
+        factorization = getattr(self, "_svfit_factorized", {}).pop(current_key, None)
         if isinstance(target, SVFitLayer):
-            info = target.update_layer(adapter_name, config, rank_spec, recorded_fp, config.inference_mode)
+            info = target.update_layer(
+                adapter_name, config, rank_spec, recorded_fp, config.inference_mode, factorization=factorization
+            )
         else:
-            new_module = dispatch(target, adapter_name, config, rank_spec, recorded_fp, name=current_key)
+            new_module = dispatch(
+                target, adapter_name, config, rank_spec, recorded_fp, name=current_key, factorization=factorization
+            )
             if adapter_name not in self.active_adapters:
                 new_module.requires_grad_(False)  # an added adapter is not trainable until activated
             self._replace_module(parent, target_name, new_module, target)
             info = new_module.svfit_info[adapter_name]
         config.resolved_ranks[current_key] = info.r
         config.base_fingerprints[current_key] = info.fingerprint.to_json()
+
+    def _factorize_targets(self, model, config, low_cpu_mem_usage, state_dict):
+        """Factorise every module this injection will adapt, found as PEFT's injection will find them."""
+        targets = _planned_targets(self, model, config, state_dict)
+        on_meta = low_cpu_mem_usage
+        modules, kinds = {}, {}
+        for key, module in targets:
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            kind = layer_kind(base)
+            if kind is None or not _factorizable(base):
+                continue  # dispatch or update_layer will raise its own clear error for it
+            recorded_r = config.resolved_ranks.get(key)
+            rank_spec = recorded_r if recorded_r is not None else config.rank_spec_for(key)
+            recorded = config.base_fingerprints.get(key)
+            recorded = Fingerprint.from_json(recorded) if recorded is not None else None
+            if skips_svd(config, rank_spec, recorded, on_meta):
+                continue
+            modules[key], kinds[key] = (base, rank_spec), kind
+        if not modules:
+            return {}, None
+        return factorize_modules(modules, config, kinds)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         for module in self.model.modules():
@@ -232,6 +274,44 @@ class SVFitModel(BaseTuner):
         """Per adapted module: shape, full spectrum length n, chosen r, share of the spectrum kept."""
         name = adapter_name or self.active_adapters[0]
         return summarize(self.model, name)
+
+
+def _planned_targets(tuner: BaseTuner, model: nn.Module, config: SVFitConfig, state_dict) -> list:
+    """(name, module) of every module ``BaseTuner.inject_adapter`` is about to adapt, matched by PEFT's own
+    functions on a copy of the config. A planning failure returns nothing: injection then reports it."""
+    from peft.tuners.tuners_utils import _ExcludedModule, _maybe_include_all_linear_layers
+
+    try:
+        cfg = copy.deepcopy(config)
+        cfg = tuner._prepare_adapter_config(cfg, tuner.get_model_config(model))
+        cfg = _maybe_include_all_linear_layers(cfg, model)
+        named = list(model.named_modules())
+        existing = [key + "." for key, module in named if isinstance(module, BaseTunerLayer)]
+        wanted = None
+        if state_dict is not None:
+            wanted = {k.rsplit("." + tuner.prefix, 1)[0].removeprefix("_orig_mod.") for k in state_dict}
+        targets = []
+        for key, module in named:
+            if not key or any(key.startswith(p) for p in existing):
+                continue
+            if wanted is not None:
+                hit = key.removeprefix("_orig_mod.") in wanted
+            else:
+                found = tuner._check_target_module_exists(cfg, key)
+                hit = bool(found) and not isinstance(found, _ExcludedModule)
+            if hit:
+                targets.append((key, module))
+        return targets
+    except Exception:  # noqa: BLE001 - the injection itself raises the user-facing error
+        return []
+
+
+def _factorizable(base: nn.Module) -> bool:
+    try:
+        check_supported_weight(base)
+    except (TypeError, ValueError):
+        return False
+    return not (isinstance(base, BaseTunerLayer) and base.merged)
 
 
 def _same_records(a: SVFitConfig, b: SVFitConfig) -> bool:
