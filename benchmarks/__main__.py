@@ -60,6 +60,8 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Tiny slices and models: checks the pipeline in about a minute"),
     only: Optional[list[str]] = typer.Option(None, "--only", help=f"Run some parts only: {', '.join(PARTS)}"),
     tasks: Optional[list[str]] = typer.Option(None, "--task", help="quality: these tasks only"),
+    device: str = typer.Option("cpu", help="quality: cpu (the 2-core budget) or cuda (whole training sets, more "
+                               "epochs; untested)"),
     results: Optional[Path] = typer.Option(
         None, help="Where the JSON results go (default: benchmarks/results, or benchmarks/results-quick with --quick)"
     ),
@@ -83,7 +85,7 @@ def run(
         module = _module(part)
         if part == "quality":
             try:
-                module.run(results, quick, tasks=tasks, log=typer.echo)
+                module.run(results, quick, tasks=tasks, log=typer.echo, device=device)
             except ValueError as exc:
                 raise typer.BadParameter(str(exc)) from None
         else:

@@ -16,27 +16,31 @@ def test_quick_quality_run_writes_results_and_a_report(tmp_path):
     out = CliRunner().invoke(app, ["run", "--quick", "--only", "quality", "--results", str(results),
                                    "--report", str(report)])
     assert out.exit_code == 0, out.output
-    runs = sorted((results / "quality" / "sentiment").glob("*/*.json"))
-    kinds = {p.parent.name for p in runs}
-    assert kinds == {"tune", "test", "ablation"}
+    root = results / "quality" / "sentiment"
+    probe = json.loads((root / "probe" / "probe.json").read_text())
+    assert probe["train_info"]["probes"][0]["test accuracy"] > 0 and (root / "probe" / "head.safetensors").is_file()
+    runs = sorted((root / "runs").glob("*.json"))
+    assert {p.name for p in runs} == {f"{m}-lr{lr}-seed{s}.json" for m, lr in (("svfit", "0.0001"), ("lora", "0.001"))
+                                      for s in (0, 1)}
     for path in runs:
         result = json.loads(path.read_text())
-        assert {"run_info", "train_info", "meta_info"} <= set(result)
-        assert result["run_info"]["benchmark"]["variant"]
-    # tuning runs score the validation split, table runs the test split, curves are recorded for SVFit and LoRA
-    tune = json.loads(next((results / "quality" / "sentiment" / "tune").glob("svfit-*.json")).read_text())
-    assert "valid accuracy" in tune["train_info"]["metrics"][-1]
-    test = json.loads((results / "quality" / "sentiment" / "test" / "svfit-seed1.json").read_text())
-    assert "test accuracy" in test["train_info"]["metrics"][-1] and test["train_info"]["eval curve"]
+        final = result["train_info"]["metrics"][-1]
+        assert final["step"] == 4 and "test accuracy" in final  # the optimizer-step count is recorded
+        curve = result["train_info"]["eval curve"]
+        assert [e["step"] for e in curve] == [0, 2, 4] and "valid accuracy" in curve[-1]
+        assert set(result["train_info"]["test correct"]) <= {"0", "1"} and len(result["train_info"]["test correct"]) == 8
+        assert result["run_info"]["train_config"]["head_init"] and result["run_info"]["train_config"]["split_seed"] == 0
+    # LP-FT: every method starts from the probe, so each curve starts at the probe's validation accuracy
+    start = probe["train_info"]["probes"][0]["valid accuracy"]
+    assert all(json.loads(p.read_text())["train_info"]["eval curve"][0]["valid accuracy"] == start for p in runs)
     text = report.read_text()
-    assert "| SVFit, energy 0.99 (default) |" in text and "| LoRA r=8 |" in text
-    assert "Learning-rate tuning" in text and "Threshold ablation" in text and "Learning curves" in text
-    for png in ("quality-sentiment.png", "curves-sentiment.png", "ablation-sentiment.png"):
-        assert (tmp_path / "plots" / png).stat().st_size > 1000
+    assert "| SVFit, energy 0.99 (default) |" in text and "| LoRA r=8 |" in text and "linear probe on" in text
+    assert "Learning-rate grids" in text and "McNemar" in text and "| sentiment |" in text
+    assert (tmp_path / "plots" / "quality-sentiment.png").stat().st_size > 1000
     assert json.loads((results / "run_log.json").read_text())["train_info"]["seconds_per_part"]["quality"] > 0
 
     # a second run skips what exists (resume), and the report is rebuilt from the JSON alone
-    before = {p: p.stat().st_mtime_ns for p in runs}
+    before = {p: p.stat().st_mtime_ns for p in [*runs, root / "probe" / "probe.json"]}
     out = CliRunner().invoke(app, ["run", "--quick", "--only", "quality", "--results", str(results),
                                    "--report", str(report)])
     assert out.exit_code == 0, out.output
@@ -56,24 +60,53 @@ def test_unknown_part_is_refused(tmp_path):
     assert out.exit_code != 0 and "unknown part" in out.output
 
 
-def test_verdict_pairs_seeds_and_calls_only_resolved_gaps():
+def test_verdict_pairs_seeds_and_calls_only_resolved_or_bounded_gaps():
     from benchmarks.quality import paired_interval, verdict
 
-    def row(by_seed, params, examples=50):
-        return {"by_seed": by_seed, "adapter_params": params, "examples": examples}
+    def row(by_seed):
+        return {"by_seed": by_seed, "correct": {}}
 
-    lora = row({1: 0.70, 2: 0.60, 3: 0.80}, 1600)
-    # SVFit is 2 points ahead on every seed: the per-seed gaps have no spread, so it beats LoRA although the
-    # unpaired stds (10 points) overlap
-    ahead = verdict(row({1: 0.72, 2: 0.62, 3: 0.82}, 100), lora)
-    assert ahead.startswith("SVFit (energy 0.99) beats LoRA r=8: +2.0 ± 0.0 points over 3 paired seeds")
-    assert "on 50 test examples (one example = 2.0 points)" in ahead and "16.0× fewer adapter parameters" in ahead
-    # gaps of +4, -4, +2: not resolved, and the text says which side the mean falls on
-    assert "vs LoRA r=8: not resolved (ahead on average): +0.7" in verdict(row({1: 0.74, 2: 0.56, 3: 0.82}, 100), lora)
+    lora = row({0: 0.70, 1: 0.60, 2: 0.80})
+    # SVFit is 2 points ahead on every seed: the per-seed gaps have no spread, so it wins although the unpaired
+    # stds (10 points) overlap
+    ahead = verdict(row({0: 0.72, 1: 0.62, 2: 0.82}), lora)
+    assert ahead["status"] == "wins" and abs(ahead["gap"] - 2.0) < 1e-9 and ahead["n"] == 3
+    # gaps of +4, -4, +2: not resolved and not bounded
+    assert verdict(row({0: 0.74, 1: 0.56, 2: 0.82}), lora)["status"] == "unresolved"
+    # gaps of -0.2, +0.1, 0.0: the interval lies within +-1.5 points: a tie
+    assert verdict(row({0: 0.698, 1: 0.601, 2: 0.80}), lora)["status"] == "ties"
     # gaps of -5, -1, -3 (mean -3, std 2): t(0.975, 2) = 4.303 gives -3 ± 4.97, which includes zero
     low, high = paired_interval([-5.0, -1.0, -3.0])
     assert abs(low - (-3 - 4.303 * 2 / 3**0.5)) < 1e-2 and abs(high - (-3 + 4.303 * 2 / 3**0.5)) < 1e-2
-    assert "vs LoRA r=8: not resolved (behind on average): -3.0 ± 2.0" in verdict(row({1: 0.65, 2: 0.59, 3: 0.77}, 100), lora)
-    assert "loses to" in verdict(row({1: 0.60, 2: 0.50, 3: 0.70}, 100), lora)
+    assert verdict(row({0: 0.65, 1: 0.59, 2: 0.77}), lora)["status"] == "unresolved"
+    assert verdict(row({0: 0.60, 1: 0.50, 2: 0.70}), lora)["status"] == "loses"
     # only the seeds both ran are compared
-    assert "not enough paired seeds (1)" in verdict(row({1: 0.9, 4: 0.9, 5: 0.9}, 100), lora)
+    assert verdict(row({0: 0.9, 4: 0.9, 5: 0.9}), lora)["n"] == 1
+
+
+def test_mcnemar_counts_discordant_pairs_and_pools_them_over_seeds():
+    from benchmarks.quality import mcnemar, verdict
+
+    b, c, p = mcnemar("1101100", "1000111")
+    assert (b, c) == (2, 2) and p == 1.0
+    b, c, p = mcnemar("1" * 20 + "0" * 5, "0" * 20 + "1" * 5)
+    assert (b, c) == (20, 5) and p < 0.01  # exact two-sided binomial test on 25 discordant pairs
+    svfit = {"by_seed": {0: 0.8, 1: 0.8}, "correct": {0: "1100", 1: "1010"}}
+    lora = {"by_seed": {0: 0.5, 1: 0.5}, "correct": {0: "0100", 1: "0010"}}
+    v = verdict(svfit, lora)
+    assert (v["b"], v["c"]) == (2, 0) and len(v["p_per_seed"]) == 2
+
+
+def test_grid_pick_and_edges():
+    from benchmarks.quality import choose
+
+    def pts(*accs, lrs=(1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)):
+        return [(lr, acc, 1.0 - acc, "success") for lr, acc in zip(lrs, accs)]
+
+    assert choose(pts(0.7, 0.8, 0.85, 0.82, 0.6)) == (4e-4, False)
+    assert choose(pts(0.7, 0.8, 0.85, 0.86, 0.9)) == (1.6e-3, True)  # best at the top end: the grid must grow
+    assert choose(pts(0.9, 0.8, 0.85, 0.86, 0.8)) == (1e-4, True)
+    # ties go to the lower validation loss; diverged points never win
+    tie = [(1e-4, 0.8, 0.5, "success"), (2e-4, 0.8, 0.4, "success"), (4e-4, float("nan"), float("nan"), "diverged")]
+    assert choose(tie) == (2e-4, False)
+    assert choose([(1e-4, 0.5, 0.5, "success")]) == (1e-4, False)  # one point has no ends

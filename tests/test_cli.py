@@ -116,8 +116,8 @@ def test_lm_task_runs_end_to_end(tmp_path):
     code, output = cli("train", "--task", "lm-sentiment", "--out", out, "--limit", "8", "--epochs", "1",
                        "--batch-size", "4", "--quiet")
     assert code == 0, output
-    metrics = json.loads((out / "result.json").read_text())["train_info"]["metrics"][-1]
-    assert "test unparsed" in metrics and metrics["train total tokens"] > 0
+    info = json.loads((out / "result.json").read_text())["train_info"]
+    assert len(info["test correct"]) == info["metrics"][-1]["test examples"] and info["metrics"][-1]["train total tokens"] > 0
     code, output = cli("predict", out, "An utterly charming film.")
     assert code == 0, output
     assert output.split("\t")[0] in {"positive", "negative"} and "generated" in output

@@ -111,8 +111,21 @@ def train(
         False, "--validation", help="Score on a validation split of the training data, not the test split (tuning)"
     ),
     eval_every: Optional[int] = typer.Option(
-        None, "--eval-every", help="Also score 200 held-out training examples every N steps (learning curve in result.json)"
+        None, "--eval-every", help="Also score the validation split (--val-examples held-out training examples) every N "
+        "steps (learning curve in result.json)"
     ),
+    val_examples: int = typer.Option(200, "--val-examples", help="Size of the validation split for --eval-every"),
+    steps: Optional[int] = typer.Option(None, help="Train for exactly N optimizer steps (replaces --epochs)"),
+    split_seed: Optional[int] = typer.Option(
+        None, "--split-seed", help="Seed of the train/test split [default: --seed]; fix it to keep one test set across seeds"
+    ),
+    bucket_by_length: bool = typer.Option(
+        False, "--bucket-by-length", help="Batch examples of similar length together (text tasks: less padding)"
+    ),
+    head_init: Optional[Path] = typer.Option(
+        None, "--head-init", help="Start the new head from a probe (head.safetensors written by `svfit probe`): LP-FT"
+    ),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image tasks: input side in pixels [default: 112]"),
     save_bases: bool = typer.Option(False, "--save-bases", help="svfit: also save U_r, V_r (bigger file, no SVD at load)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
@@ -151,11 +164,43 @@ def train(
             task=task, method=method, model=model, out=out or Path("runs") / f"{task}-{method}", seed=seed, epochs=epochs, lr=lr,
             head_lr=head_lr, batch_size=batch_size, train_limit=train_n, eval_limit=eval_n,
             weight_decay=weight_decay, validation=validation, eval_every=eval_every, options=options,
+            curve_examples=val_examples, steps=steps, split_seed=split_seed, bucket_by_length=bucket_by_length,
+            head_init=None if head_init is None else str(head_init), image_size=image_size,
             overwrite=overwrite or out is None,  # the default location is ours to refresh
             progress=not quiet and sys.stderr.isatty(),
         )
         _quiet_libraries()
         train_run(config, echo=typer.echo)
+
+    _guard(body)
+
+
+@app.command()
+def probe(
+    task: str = typer.Option("sentiment", help=TASK_HELP),
+    out: Optional[Path] = typer.Option(None, help="Output directory [default: runs/TASK-probe]"),
+    seed: int = typer.Option(0, help="Seed of the data split"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="Fit on the first N training examples"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Score on the first N held-out examples"),
+    val_examples: int = typer.Option(200, "--val-examples", help="Validation split (from the training data) for the L2"),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Image tasks: input side in pixels"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
+):
+    """Linear probe on the frozen pre-trained features: the floor for fine-tuning, and a head to start from.
+
+    Writes OUT/probe.json (validation and held-out accuracy of each probe) and OUT/head.safetensors, which
+    `svfit train --head-init OUT/head.safetensors` loads into the new head before training (LP-FT). Use the same
+    --seed / --train-limit / --val-examples as the training runs, so that the probe sees their training split.
+    """
+
+    def body():
+        from .train.probe import probe_run
+        from .train.run import RunConfig
+
+        config = RunConfig(task=task, out=out or Path("runs") / f"{task}-probe", seed=seed, train_limit=train_limit,
+                           eval_limit=eval_limit, curve_examples=val_examples, image_size=image_size, overwrite=overwrite or out is None, progress=False)
+        _quiet_libraries()
+        probe_run(config, echo=typer.echo)
 
     _guard(body)
 

@@ -58,7 +58,27 @@ class Task(ABC):
 
     @abstractmethod
     def collate(self, examples: list) -> dict:
-        """Batch raw examples into model inputs (with labels)."""
+        """Batch examples (raw, or as :meth:`prepare` returns them) into model inputs (with labels)."""
+
+    def prepare(self, examples: list) -> list:
+        """The examples in the form :meth:`collate` batches fastest (e.g. texts tokenised once); same labels, same
+        order. The default keeps them as they are."""
+        return examples
+
+    def example_length(self, example) -> Optional[int]:
+        """Size of one (prepared) example, e.g. its token count, for batching by length; None: not applicable."""
+        return None
+
+    # -- linear probe and probe-initialised heads (LP-FT) ---------------------------------------------------------
+
+    def probe_features(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Frozen features of a batch for a linear probe, by name. The first entry is what the task's new head
+        reads (so a probe on it can initialise that head); others are extra probes for the floor."""
+        raise NotImplementedError(f"task {self.name} defines no probe features")
+
+    def head_linear(self, model: nn.Module) -> nn.Linear:
+        """The new head of a freshly loaded (not yet adapted) model, for a probe-initialised head."""
+        raise NotImplementedError(f"task {self.name} has no new linear head")
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
@@ -78,22 +98,31 @@ class Task(ABC):
 
     # -- scoring ---------------------------------------------------------------------------------------------------
 
+    def eval_order(self, examples: list) -> list[int]:
+        """The order to score examples in: by length where lengths exist (less padding); results are per example."""
+        if not examples or self.example_length(examples[0]) is None:
+            return list(range(len(examples)))
+        return sorted(range(len(examples)), key=lambda i: self.example_length(examples[i]))
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, examples: list, batch_size: int, progress: bool = False) -> dict[str, float]:
-        """Accuracy and mean loss on held-out examples (classification tasks)."""
+    def evaluate(self, model: nn.Module, examples: list, batch_size: int, progress: bool = False) -> dict:
+        """Accuracy and mean loss on held-out examples (classification tasks), and ``correct``: 1/0 per example in
+        the given order (for paired tests between methods on the same examples)."""
         from tqdm.auto import tqdm
 
         model.eval()
         device = next(model.parameters()).device
-        correct, total, loss_sum = 0, 0, 0.0
-        for start in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
-            batch = _to(self.collate(examples[start : start + batch_size]), device)
+        order = self.eval_order(examples)
+        correct, loss_sum = [0] * len(examples), 0.0
+        for start in tqdm(range(0, len(order), batch_size), desc="eval", disable=not progress, leave=False):
+            idx = order[start : start + batch_size]
+            batch = _to(self.collate([examples[i] for i in idx]), device)
             out = model(**batch)
-            n = batch["labels"].shape[0]
-            loss_sum += float(out.loss) * n
-            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-            total += n
-        return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "examples": total}
+            loss_sum += float(out.loss) * len(idx)
+            for i, hit in zip(idx, (out.logits.argmax(-1) == batch["labels"]).tolist()):
+                correct[i] = int(hit)
+        n = max(len(examples), 1)
+        return {"accuracy": sum(correct) / n, "loss": loss_sum / n, "examples": len(examples), "correct": correct}
 
     @abstractmethod
     def predict(self, model: nn.Module, raw: Any) -> Prediction:

@@ -1,8 +1,11 @@
 """A causal LM taught to answer a question: SmolLM2-135M-Instruct labels Rotten Tomatoes reviews in words.
 
-The model is trained with the language-modelling loss on the answer tokens only; it is scored by the accuracy of
-the label it *generates* (greedy), plus the held-out loss. SmolLM2 ships as a Q4_1 GGUF here; it is dequantised
-once and cached, so scores sit a little below the bf16 original's.
+A short prompt ("Review: ...\nSentiment:") is followed by one answer token, " positive" or " negative". The model
+is trained with the language-modelling loss on that token (over the whole vocabulary) and scored by which of the two
+label words gets the higher next-token logit (a verbaliser), plus the held-out loss. Only the last position's logits
+are computed (``logits_to_keep=1`` on left-padded prompts), so a step costs the prompt's ~30 tokens and no
+vocabulary-sized output per token. SmolLM2 ships as a Q4_1 GGUF here; it is dequantised once and cached, so scores
+sit a little below the bf16 original's.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ from functools import cached_property
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..assets import load_rotten_tomatoes
+from ..errors import SVFitUserError
 from .base import Prediction, Task, TaskDefaults, _to
 
-PROMPT = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {review}"
-WORDS = ("negative", "positive")  # label 0 = rotten, 1 = fresh
+PROMPT = "Review: {review}\nSentiment:"
+WORDS = ("negative", "positive")  # label 0 = rotten, 1 = fresh; answered as " negative" / " positive"
 MAX_NEW_TOKENS = 3
 
 
@@ -34,10 +39,10 @@ class LMSentiment(Task):
         batch_size=8,
         train_limit=400,
         eval_limit=200,
-        # from a validation-split sweep (the earlier lr_sweep.py; now benchmarks/quality.py tuning) (200 examples, 1 epoch): svfit 1e-1 > 2e-2,
-        # lora 2e-3 > 5e-4
-        lr={"svfit": 1e-1, "lora": 2e-3, "pissa": 2e-3, "ia3": 5e-2, "full": 2e-5},
-        eval_batch_size=16,
+        # from a validation-split sweep (200 examples, 1 epoch): svfit 1e-1 > 2e-2 (absolute sigma units; 4.5e-5 in
+        # scaling units, rms sigma 4.4), lora 2e-3 > 5e-4
+        lr={"svfit": 4.5e-5, "lora": 2e-3, "pissa": 2e-3, "ia3": 5e-2, "full": 2e-5},
+        eval_batch_size=32,
     )
 
     @cached_property
@@ -53,8 +58,6 @@ class LMSentiment(Task):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(self.checkpoint)
-        if not tok.chat_template:
-            raise ValueError(f"{self.checkpoint} has no chat template: lm-sentiment needs an instruction-tuned model")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
@@ -69,47 +72,53 @@ class LMSentiment(Task):
         return list(zip(train_x, train_y))[:train_limit], list(zip(test_x, test_y))[:eval_limit]
 
     def prompt_ids(self, review: str) -> list[int]:
-        messages = [{"role": "user", "content": PROMPT.format(review=review)}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(PROMPT.format(review=review), add_special_tokens=False)["input_ids"]
 
     @cached_property
-    def answer_ids(self) -> dict[int, list[int]]:
-        end = self.tokenizer.eos_token  # the chat template's end-of-turn token
-        return {y: self.tokenizer(word + end, add_special_tokens=False)["input_ids"] for y, word in enumerate(WORDS)}
+    def answer_ids(self) -> list[int]:
+        """The one token of " negative" and " positive" (label order)."""
+        ids = [self.tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in WORDS]
+        if any(len(i) != 1 for i in ids):
+            raise SVFitUserError(f"this tokenizer splits a label word into several tokens ({ids}); lm-sentiment "
+                                 "needs one token per label")
+        return [i[0] for i in ids]
+
+    def prepare(self, examples: list) -> list:
+        if not examples or not isinstance(examples[0][0], str):
+            return examples
+        return [(self.prompt_ids(text), label) for text, label in examples]
+
+    def example_length(self, example) -> int:
+        return len(example[0]) if not isinstance(example[0], str) else len(example[0].split())
 
     def collate(self, examples: list) -> dict:
-        """Prompt + answer, right-padded; the loss sees only the answer tokens."""
-        rows = [(self.prompt_ids(text), self.answer_ids[label]) for text, label in examples]
-        length = max(len(p) + len(a) for p, a in rows)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(rows), length), pad)
-        labels = torch.full((len(rows), length), -100)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (p, a) in enumerate(rows):
-            seq = p + a
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(a)
-            mask[i, : len(seq)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    def _prompts(self, texts: list[str]) -> dict:
-        """Left-padded prompts for generation."""
-        rows = [self.prompt_ids(t) for t in texts]
+        """Left-padded prompts (the last position predicts the answer) and the class labels."""
+        rows = [self.prompt_ids(x) if isinstance(x, str) else x for x, _ in examples]
         length = max(map(len, rows))
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, length - len(r) :] = torch.tensor(r)
             mask[i, length - len(r) :] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([y for _, y in examples])}
 
-    def parse(self, generated: str) -> Optional[int]:
-        word = generated.strip().lower()
-        for y, label in enumerate(WORDS):
-            if word.startswith(label):
-                return y
-        return None
+    def _prompts(self, texts: list[str]) -> dict:
+        batch = self.collate([(t, 0) for t in texts])
+        batch.pop("labels")
+        return batch
+
+    def next_token_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        target = torch.tensor(self.answer_ids, device=batch["labels"].device)[batch["labels"]]
+        return F.cross_entropy(self.next_token_logits(model, batch), target)
+
+    def probe_features(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        body = getattr(model, model.base_model_prefix)
+        states = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return {"last prompt token's final state (what the LM head reads)": states[:, -1]}
 
     @torch.no_grad()
     def generate_labels(self, model: nn.Module, texts: list[str]) -> list[str]:
@@ -121,22 +130,23 @@ class LMSentiment(Task):
         return self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, examples: list, batch_size: int, progress: bool = False) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, examples: list, batch_size: int, progress: bool = False) -> dict:
         from tqdm.auto import tqdm
 
         model.eval()
         device = next(model.parameters()).device
-        correct = unparsed = 0
-        loss_sum = 0.0
-        for start in tqdm(range(0, len(examples), batch_size), desc="eval", disable=not progress, leave=False):
-            chunk = examples[start : start + batch_size]
-            loss_sum += float(model(**_to(self.collate(chunk), device)).loss) * len(chunk)
-            for (_, label), text in zip(chunk, self.generate_labels(model, [t for t, _ in chunk])):
-                guess = self.parse(text)
-                unparsed += guess is None
-                correct += guess == label
+        order = self.eval_order(examples)
+        correct, loss_sum = [0] * len(examples), 0.0
+        words = torch.tensor(self.answer_ids, device=device)
+        for start in tqdm(range(0, len(order), batch_size), desc="eval", disable=not progress, leave=False):
+            idx = order[start : start + batch_size]
+            batch = _to(self.collate([examples[i] for i in idx]), device)
+            logits = self.next_token_logits(model, batch)
+            loss_sum += float(F.cross_entropy(logits, words[batch["labels"]])) * len(idx)
+            for i, hit in zip(idx, (logits[:, words].argmax(-1) == batch["labels"]).tolist()):
+                correct[i] = int(hit)
         n = max(len(examples), 1)
-        return {"accuracy": correct / n, "loss": loss_sum / n, "examples": len(examples), "unparsed": unparsed / n}
+        return {"accuracy": sum(correct) / n, "loss": loss_sum / n, "examples": len(examples), "correct": correct}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, raw: str) -> Prediction:
@@ -145,12 +155,9 @@ class LMSentiment(Task):
         model.eval()
         device = next(model.parameters()).device
         batch = _to(self._prompts([raw]), device)
-        logits = model(**batch).logits[0, -1].float()
-        first = [self.answer_ids[y][0] for y in range(len(WORDS))]
-        probs = torch.softmax(logits[first], -1)
-        generated = self.generate_labels(model, [raw])[0].strip()
-        parsed = self.parse(generated)
-        label = WORDS[int(probs.argmax()) if parsed is None else parsed]
+        probs = torch.softmax(self.next_token_logits(model, batch)[0, self.answer_ids], -1)
+        generated = self.generate_labels(model, [raw])[0].strip()  # shown: what the model writes unconstrained
+        label = WORDS[int(probs.argmax())]
         scores = {w: float(p) for w, p in zip(WORDS, probs)}
         return Prediction(label, scores[label], scores, generated=generated)
 

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -59,6 +59,35 @@ def param_groups(model: nn.Module, optim: OptimConfig, is_head: Callable[[str], 
     return groups
 
 
+class LengthGroupedBatches(Sampler):
+    """Batches of similar length, in random order: each epoch shuffles the examples, cuts them into windows of
+    ``window`` batches, sorts each window by length and cuts it into batches, then shuffles the batches. Padding
+    shrinks to a few tokens while every example is still seen once per epoch (the last batch may be short), so an
+    epoch has as many steps as with plain shuffling. Seeded: the same seed gives the same batches."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 50):
+        self.lengths, self.batch_size, self.window = list(lengths), batch_size, window
+        self.drop_last = False
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        chunk = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), chunk):
+            group = sorted(order[start : start + chunk], key=self.lengths.__getitem__)
+            batches += [group[i : i + self.batch_size] for i in range(0, len(group), self.batch_size)]
+        # the one short batch (if any) stays last, so that batch-size bookkeeping matches plain shuffling
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        for i in torch.randperm(len(full), generator=self.generator).tolist():
+            yield full[i]
+        yield from short
+
+
 def make_accelerator() -> Accelerator:
     """Data-parallel processes split each batch (split_batches): the global batch, step count and schedule stay
     those of a single-process run, so the same hyper-parameters mean the same optimisation at any scale."""
@@ -85,18 +114,26 @@ def fit(
     on_train_start: Optional[Callable[[nn.Module], None]] = None,
     evaluate: Optional[Callable[[nn.Module], dict]] = None,
     eval_every: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    lengths: Optional[Sequence[int]] = None,
 ) -> TrainLog:
     """Train ``model`` in place with AdamW, linear warm-up/decay and gradient clipping.
 
     ``epochs`` may be fractional (e.g. 0.5 stops half way through the first epoch). ``on_train_start`` lets a task
     adjust modes after ``model.train()`` (e.g. keep BatchNorm statistics frozen). With ``evaluate`` and
     ``eval_every``, the model is scored every ``eval_every`` steps (and at step 0) into ``log.eval_curve``: the
-    learning curves that show how fast a method adapts.
+    learning curves that show how fast a method adapts. ``max_steps`` fixes the number of optimizer steps instead
+    of ``epochs`` (the data repeats as needed). ``lengths`` (one per example, e.g. token counts) batches examples of
+    similar length together (:class:`LengthGroupedBatches`), which removes most of the padding.
     """
     accelerator = accelerator or make_accelerator()
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
-    total_steps = max(1, math.ceil(epochs * len(loader)))
+    if lengths is not None:
+        batches = LengthGroupedBatches(lengths, batch_size, seed)
+        loader = DataLoader(list(dataset), batch_sampler=batches, collate_fn=collate)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(list(dataset), batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    total_steps = max_steps if max_steps else max(1, math.ceil(epochs * len(loader)))
     optimizer = torch.optim.AdamW(param_groups(model, optim, is_head))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total_steps), total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -39,6 +39,12 @@ class RunConfig:
     validation: bool = False  # score on a split of the training data (for tuning) instead of the test split
     eval_every: Optional[int] = None  # also score a validation split every N steps (learning curves)
     curve_examples: int = 200  # size of that validation split (carved from the training data, never trained on)
+    steps: Optional[int] = None  # optimizer steps (replaces epochs; the data repeats as needed)
+    split_seed: Optional[int] = None  # seed of the train/test split; None: `seed` (a fixed one keeps the test set)
+    bucket_by_length: bool = False  # batch examples of similar length together (text tasks: less padding)
+    head_init: Optional[str] = None  # a probe's head.safetensors to start the new head from (LP-FT)
+    score_before: bool = True  # also score the evaluation split before training
+    image_size: Optional[int] = None  # image tasks: input side in pixels; None: the task's default
     options: MethodOptions = field(default_factory=MethodOptions)
     overwrite: bool = False
     progress: bool = True
@@ -64,10 +70,20 @@ class RunConfig:
             validation=self.validation,
             eval_every=self.eval_every,
             curve_examples=self.curve_examples,
+            steps=self.steps,
+            split_seed=self.split_seed,
+            bucket_by_length=self.bucket_by_length,
+            head_init=None if self.head_init is None else str(self.head_init),
+            score_before=self.score_before,
+            image_size=self.image_size,
             options=self.options,
             overwrite=self.overwrite,
             progress=self.progress,
         )
+
+    @property
+    def data_seed(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -116,33 +132,28 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         if value is not None and value <= 0:
             raise SVFitUserError(f"--{name} must be positive, got {value}")
 
+    if cfg.steps is not None and cfg.steps < 1:
+        raise SVFitUserError(f"--steps must be >= 1, got {cfg.steps}")
+
     echo(f"task {task.name}: {cfg.model or task.model_name} on {task.dataset_name}")
     torch.manual_seed(cfg.seed)  # the new head's init
     model = task.load_model()
-    curves = cfg.eval_every is not None
-    if curves and (cfg.eval_every < 1 or cfg.curve_examples < 1):
-        raise SVFitUserError("--eval-every and the curve split size must be >= 1")
-    curve_set = None
-    if curves and not cfg.validation:
-        # the curve split is the last examples of the training data, and training uses the rest: the same prefix
-        # as without curves whenever --train-limit leaves room for them
-        train_all, eval_set = task.load_data(cfg.seed, None, cfg.eval_limit)
-        train_set, curve_set = _hold_out(train_all, cfg.curve_examples, cfg.train_limit, "the --eval-every split")
-    else:
-        train_set, eval_set = load_split(task, cfg.seed, cfg.train_limit, cfg.eval_limit, cfg.validation)
-        if curves:
-            curve_set = eval_set  # a tuning run already holds a validation split out
-    if not train_set or not eval_set:
-        raise SVFitUserError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
+    if cfg.head_init is not None:
+        from .probe import load_head
+
+        load_head(model, task, cfg.head_init)  # LP-FT: every method starts from the same probe head
+    train_set, curve_set, eval_set = data_splits(task, cfg)
     held_out = "validation (from the training data)" if cfg.validation else "held-out test"
-    echo(f"data: {len(train_set)} train / {len(eval_set)} {held_out} examples (seed {cfg.seed})")
+    echo(f"data: {len(train_set)} train / {len(eval_set)} {held_out} examples (seed {cfg.seed}, split {cfg.data_seed})")
 
     # Applied before the first evaluation so that a bad target list fails at once; every method starts from the
     # base model's function (SVFit exactly), so this is the pre-trained model's score.
     model = method.apply(model, task, cfg.options)
     # every process scores (in parallel), so that none idles in a collective long enough to time out
-    before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
-    echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
+    before = None
+    if cfg.score_before:
+        before = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
+        echo(f"before fine-tuning: accuracy {before['accuracy']:.4f}  loss {before['loss']:.4f}")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     n_head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and task.is_head(n))
@@ -167,6 +178,8 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         accelerator=accelerator,
         evaluate=(lambda m: task.evaluate(m, curve_set, task.defaults.eval_batch_size)) if curve_set else None,
         eval_every=cfg.eval_every,
+        max_steps=cfg.steps,
+        lengths=[task.example_length(e) for e in train_set] if cfg.bucket_by_length else None,
     )
     # Data-parallel replicas must end identical; record each process's checksum of the trained parameters.
     checksums = gather_object([_trained_checksum(model)])
@@ -199,6 +212,36 @@ def _trained_checksum(model: torch.nn.Module) -> str:
             digest.update(name.encode())
             digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def data_splits(task, cfg: RunConfig) -> tuple[list, Optional[list], list]:
+    """(train, validation split for curves or None, evaluation split) of a resolved config, prepared for batching
+    (e.g. tokenised once). The validation split is the last ``curve_examples`` of the training data, never trained
+    on; a tuning run (``validation``) evaluates on it."""
+    if cfg.image_size is not None:
+        if not hasattr(task, "image_size"):
+            raise SVFitUserError(f"--image-size applies to image tasks; {task.name} is not one")
+        if cfg.image_size < 14:
+            raise SVFitUserError(f"--image-size must be at least 14 pixels, got {cfg.image_size}")
+        task.image_size = cfg.image_size
+    curves = cfg.eval_every is not None
+    if curves and (cfg.eval_every < 1 or cfg.curve_examples < 1):
+        raise SVFitUserError("--eval-every and the validation split size must be >= 1")
+    curve_set = None
+    if curves and not cfg.validation:
+        # the curve split is the last examples of the training data, and training uses the rest: the same prefix
+        # as without curves whenever --train-limit leaves room for them
+        train_all, eval_set = task.load_data(cfg.data_seed, None, cfg.eval_limit)
+        train_set, curve_set = _hold_out(train_all, cfg.curve_examples, cfg.train_limit, "the --eval-every split")
+    else:
+        train_set, eval_set = load_split(task, cfg.data_seed, cfg.train_limit, cfg.eval_limit, cfg.validation)
+        if curves:
+            curve_set = eval_set  # a tuning run already holds a validation split out
+    if not train_set or not eval_set:
+        raise SVFitUserError("the train or evaluation split is empty: raise --train-limit / --eval-limit")
+    prepared = {id(part): task.prepare(part) for part in (train_set, curve_set, eval_set) if part is not None}
+    return (prepared[id(train_set)], prepared[id(curve_set)] if curve_set is not None else None,
+            prepared[id(eval_set)])
 
 
 def load_split(task, seed: int, train_limit, eval_limit, validation: bool):
@@ -245,7 +288,10 @@ def eval_run(run_dir: Path, progress: bool = True) -> tuple[dict, dict]:
     """Re-score a saved run on its own held-out split; returns (fresh metrics, recorded metrics)."""
     task, model, result = load_run(run_dir)
     tc = result["run_info"]["train_config"]
-    _, eval_set = load_split(task, tc["seed"], tc["train_limit"], tc["eval_limit"], tc.get("validation", False))
+    if tc.get("image_size") is not None:
+        task.image_size = tc["image_size"]
+    split_seed = tc["seed"] if tc.get("split_seed") is None else tc["split_seed"]
+    _, eval_set = load_split(task, split_seed, tc["train_limit"], tc["eval_limit"], tc.get("validation", False))
     metrics = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=progress)
     return metrics, result["train_info"]["metrics"][-1]
 
@@ -260,17 +306,14 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
         f"{split} accuracy": after["accuracy"],
         f"{split} loss": after["loss"],
         f"{split} examples": after["examples"],
-        "accuracy before": before["accuracy"],
-        "loss before": before["loss"],
+        "accuracy before": before["accuracy"] if before else None,
+        "loss before": before["loss"] if before else None,
         "train loss": log.final_loss,
         "train samples": log.examples,
         "eval time": eval_time,
     }
     if log.tokens:
         final["train total tokens"] = log.tokens
-    for key in ("unparsed",):
-        if key in after:
-            final[f"test {key}"] = after[key]
     svfit_summary = None
     if hasattr(model, "svfit_summary"):
         svfit_summary = [row.to_json() for row in model.svfit_summary()]
@@ -294,6 +337,8 @@ def _result(cfg, task, model, log, before, after, eval_time, weights, n_trainabl
             "metrics": [*log.curve, final],
             "svfit_ranks": svfit_summary,
             "eval curve": log.eval_curve,
+            # 1/0 per evaluation example, in the split's order: paired tests (McNemar) between runs on one split
+            f"{split} correct": "".join(str(c) for c in after["correct"]),
             "distributed": log.distributed,
         },
         "meta_info": meta_info(cfg.model or task.model_name, task.dataset_name),
