@@ -85,13 +85,16 @@ ABLATIONS = {
 ALL = {**VARIANTS, **ABLATIONS}
 
 
+EVERYTHING = 10**7  # a limit above any split's size: the whole split (None would mean the task's CLI default)
+
+
 @dataclass(frozen=True)
 class TaskPlan:
     steps: Optional[int]  # optimizer steps per run (None: ``epochs`` over the training split)
     batch_size: int
     val_examples: int  # validation split (the last examples of the training data)
-    test_examples: Optional[int]  # the fixed test set (None: the whole test split)
-    train_limit: Optional[int]  # training split (None: all that remains after the validation split)
+    test_examples: int  # the fixed test set (EVERYTHING: the whole test split)
+    train_limit: int  # training split (EVERYTHING: all that remains after the validation split)
     centre: dict  # tuned method -> the middle of its grid
     variants: tuple[str, ...]
     eval_points: int = 10  # validation scores per run (plus step 0)
@@ -127,7 +130,7 @@ CPU = Profile(
     "cpu",
     {
         "sentiment": TaskPlan(
-            500, 16, 1000, None, None, {"svfit": 1e-4, "lora": 1e-3, "full": 5e-5},
+            500, 16, 1000, EVERYTHING, EVERYTHING, {"svfit": 1e-4, "lora": 1e-3, "full": 5e-5},
             ("svfit", "svfit-full", "svfit-r8", "lora", "pissa", "full"), bucket=True,
         ),
         "fashion": TaskPlan(
@@ -140,7 +143,7 @@ CPU = Profile(
             ("svfit", "svfit-full", "svfit-r8", "lora", "pissa", "full"), image_size=56,
         ),
         "lm-sentiment": TaskPlan(
-            500, 10, 500, 1000, None, {"svfit": 4e-5, "lora": 1e-3, "full": 2e-5},
+            500, 10, 500, 1000, EVERYTHING, {"svfit": 4e-5, "lora": 1e-3, "full": 2e-5},
             ("svfit", "svfit-full", "lora"), eval_points=5, bucket=True, lpft=False, probe_train_limit=2000,
             ablation=False,
             dropped="SVFit r=8, PiSSA, full fine-tuning and the ablation: a SmolLM2-135M step costs ~4x a MiniLM "
@@ -154,7 +157,7 @@ CPU = Profile(
 CUDA = Profile(
     "cuda",
     {
-        task: replace(plan, steps=None, epochs=3.0, batch_size=32, train_limit=None, test_examples=None,
+        task: replace(plan, steps=None, epochs=3.0, batch_size=32, train_limit=EVERYTHING, test_examples=EVERYTHING,
                       val_examples=2000, image_size=224 if plan.image_size else None, probe_train_limit=None,
                       variants=plan.variants if task == "fashion" else tuple(VARIANTS),
                       dropped=plan.dropped if task == "fashion" else "")

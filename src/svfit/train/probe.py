@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import SVFitUserError
 
-L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # penalty per unit of ||W||^2 on standardised features (mean loss)
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # penalty per unit of ||W||^2 on standardised features (mean loss)
 HEAD_FILE = "head.safetensors"
 PROBE_FILE = "probe.json"
 
