@@ -632,6 +632,15 @@ WORDS = {"wins": "SVFit beats LoRA r=8", "loses": "SVFit loses to LoRA r=8", "ti
          "unresolved": "SVFit vs LoRA r=8 is not resolved"}
 
 
+def _cpu_hours(runs: list[dict]) -> float:
+    return sum(r["run_info"]["benchmark"].get("cpu_time", 0.0) for r in runs) / 3600
+
+
+def _load_range(runs: list[dict]) -> str:
+    loads = [x for r in runs for x in r["run_info"]["benchmark"].get("load_average", [])]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "not recorded"
+
+
 def _pct(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -682,9 +691,10 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         "runs: < 1 point); *adapter* counts trainable parameters outside the head; *file* is the saved adapter "
         "(with the head where there is one; the whole model for full fine-tuning).",
         "",
-        f"{len(every)} training runs and {sum(1 for t in table.values() if t['probe'])} probes, "
-        f"{compute / 3600:.1f} h of compute in all (sum of wall times, on a machine shared with other jobs; see "
-        "each task). " + PAPER_CLAIM,
+        f"{len(every)} training runs and {sum(1 for t in table.values() if t['probe'])} probes: "
+        f"{_cpu_hours(every):.1f} CPU-hours (the runs' own CPU seconds, single-threaded: about half that in wall "
+        f"time on an idle 2-core machine, whose two workers run side by side), {compute / 3600:.1f} h of summed wall "
+        f"time on this shared machine (load average {_load_range(every)} during the runs). " + PAPER_CLAIM,
         "",
     ]
     summary = ["| task | probe (floor) | SVFit | SVFit full | LoRA r=8 | full FT (ceiling) | SVFit − LoRA [95% CI] "
@@ -725,6 +735,10 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
                    f"{tc['batch_size']} ({seen:,} training examples seen per run){size}"
                    f"{', batches grouped by length' if tc.get('bucket_by_length') else ''}; "
                    f"{'every method starts from the probe head (LP-FT), head lr ' + format(tc['head_lr'], 'g') if tc.get('head_init') else 'no new head (the LM head stays frozen)'}.")
+    if runs:
+        out.append(f"Compute: {len(runs)} runs, {_cpu_hours(runs):.1f} CPU-hours, "
+                   f"{sum(r['run_info'].get('total_time', 0.0) for r in runs) / 3600:.1f} h summed wall time "
+                   f"(load average {_load_range(runs)}).")
     if plan is not None and plan.dropped:
         out.append(f"Dropped: {plan.dropped}")
     out.append("")
