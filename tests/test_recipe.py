@@ -79,3 +79,17 @@ def test_lm_task_scores_one_answer_token_from_left_padded_prompts():
     batch = task.collate(task.prepare([("Great.", 1), ("A long, dull and tiresome film.", 0)]))
     assert batch["attention_mask"][:, -1].tolist() == [1, 1]  # the last position is every prompt's end
     assert batch["attention_mask"][0, 0] == 0 and batch["labels"].tolist() == [1, 0]
+
+
+def test_a_probe_head_is_loaded_into_the_new_head_with_its_input_dropout_off(tmp_path):
+    from svfit.tasks import get_task
+    from svfit.train.probe import Probe, load_head, save_head
+
+    task = get_task("fashion")
+    model = task.load_model()
+    weight, bias = torch.randn(10, 1280), torch.randn(10)
+    save_head(Probe("f", 1e-3, weight, bias, 0.5, 0.5, [1], {1e-3: 0.5}), tmp_path / "head.safetensors")
+    assert task.head_dropout(model).p > 0
+    load_head(model, task, tmp_path / "head.safetensors")
+    assert torch.equal(task.head_linear(model).weight, weight) and torch.equal(task.head_linear(model).bias, bias)
+    assert task.head_dropout(model).p == 0.0  # dropped features would shift the probe's logits

@@ -80,6 +80,10 @@ class Task(ABC):
         """The new head of a freshly loaded (not yet adapted) model, for a probe-initialised head."""
         raise NotImplementedError(f"task {self.name} has no new linear head")
 
+    def head_dropout(self, model: nn.Module) -> Optional[nn.Module]:
+        """The dropout applied to the head's input, if any (switched off under a probe-initialised head)."""
+        return None
+
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
 

@@ -106,6 +106,9 @@ class MiniLMClassification(Task):
         self._encoder(model)
         return model.classifier
 
+    def head_dropout(self, model: nn.Module) -> Optional[nn.Module]:
+        return model.dropout
+
     @torch.no_grad()
     def predict(self, model: nn.Module, raw: str) -> Prediction:
         if not isinstance(raw, str) or not raw.strip():

@@ -152,6 +152,9 @@ class EfficientNetFashion(FashionMNISTTask):
     def head_linear(self, model: nn.Module) -> nn.Linear:
         return model.net._fc
 
+    def head_dropout(self, model: nn.Module) -> Optional[nn.Module]:
+        return model.net._dropout
+
     def on_train_start(self, model: nn.Module) -> None:
         # Small batches of grey images would drag the ImageNet BatchNorm statistics around; they are part of the
         # frozen base model (and not in the adapter file), so keep them fixed.
