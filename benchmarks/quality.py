@@ -284,6 +284,21 @@ def _execute(job: Job, load_before: float) -> str:
             f"({time.perf_counter() - started:.0f} s)")
 
 
+def _die_with_parent() -> None:
+    """Worker processes end when the benchmark process ends, however it ends (Linux): killing the one process that
+    `python -m benchmarks run` started stops the whole run."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 class Bench:
     """Runs experiments in batches of independent jobs: in ``profile.workers`` single-threaded worker processes
     (or inline with one worker), skipping every job whose JSON already exists with the same settings."""
@@ -313,7 +328,8 @@ class Bench:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(self.profile.workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(self.profile.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_die_with_parent)
         from concurrent.futures import as_completed
 
         futures = [self.pool.submit(execute, job, self.profile.threads) for job in todo]
