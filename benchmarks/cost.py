@@ -526,7 +526,7 @@ class _Measure:
         adapter_tensor_bytes = sum(
             t.numel() * t.element_size()
             for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
-            if "svfit_" in n or "lora_" in n or "svft_" in n
+            if "svfit_" in n or ".basis_" in n or "lora_" in n or "svft_" in n
         )
         self.opt = torch.optim.AdamW(params, lr=1e-3)
         self.model.train()

@@ -18,7 +18,7 @@ pytest.importorskip("torch.distributed.fsdp")
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch without gloo", allow_module_level=True)
 
-PATHS = ("reference", "merged", "input", "output")
+PATHS = ("reference", "merged", "input", "output", "auto")  # forced paths on both bases; auto on one basis
 
 
 def _model():
@@ -34,7 +34,8 @@ def _batch():
 def _config(path):
     import svfit
 
-    return svfit.SVFitConfig(target_modules=["0", "2"], init_weights=False, compute_path=path)
+    return svfit.SVFitConfig(target_modules=["0", "2"], init_weights=False, compute_path=path,
+                             bases="auto" if path == "auto" else "both")
 
 
 def _worker(rank, world, port, out):
@@ -58,8 +59,13 @@ def _worker(rank, world, port, out):
             result[path] = {
                 n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad
             }
-            result[path + " used"] = {inner[0].compute_path_for(x)[0], 
+            result[path + " used"] = {inner[0].compute_path_for(x)[0],
                                    inner[2].compute_path_for(torch.zeros(x.shape[0], 32))[0]}
+            # the frozen bases are parameters: FSDP2 shards them, each rank holds its share
+            result[path + " bases"] = {
+                n: (p.to_local().numel(), p.numel()) for n, p in model.named_parameters()
+                if ".basis_U." in n or ".basis_V." in n
+            }
         sharded = _model()
         fully_shard(sharded, mesh=mesh)
         try:
@@ -89,7 +95,10 @@ def test_fsdp2_two_cpu_processes_give_the_single_process_gradients(tmp_path):
         model = get_peft_model(_model(), _config(path))
         (model(_batch()).square().sum() / 2).backward()  # FSDP averages the 2 ranks' gradients
         expected = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        assert sharded[path + " used"] == {path}  # the fast path itself ran under FSDP, not a fallback
+        if path != "auto":
+            assert sharded[path + " used"] == {path}  # the fast path itself ran under FSDP, not a fallback
+        bases = sharded[path + " bases"]
+        assert bases and all(local * 2 == full for local, full in bases.values()), bases  # each rank: half
         assert set(sharded[path]) == set(expected) and expected
         for name, grad in expected.items():
             torch.testing.assert_close(sharded[path][name], grad, atol=1e-5, rtol=1e-5)

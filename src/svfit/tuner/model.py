@@ -23,7 +23,8 @@ from .guards import check_supported_weight
 from .layer import SVFitLayer, dispatch
 from .summary import ModuleSummary, summarize
 
-_BASES_ATTRS = ("svfit_U", "svfit_V", "svfit_sigma")
+_BASES_ATTRS = ("basis_U", "basis_V", "svfit_sigma", "svfit_U", "svfit_V")  # in memory; in files: svfit_U/V
+_FILE_TO_MODEL = {"svfit_U": "basis_U", "svfit_V": "basis_V"}
 
 
 _BOUND_TO = "_svfit_bound_to"  # weakref to the model whose weights the config's records describe
@@ -233,18 +234,28 @@ class SVFitModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if getattr(config, "save_bases", False):
-            return selected
+        save_all = getattr(config, "save_bases", False)
         # By default the file holds the trained vectors only; the bases are recomputed from the base weights at
-        # load. Modules whose singular vectors are not unique (repeated singular values) keep theirs.
-        keep = {
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, SVFitLayer)
-            and adapter_name in module.svfit_info
-            and module.svfit_info[adapter_name].bases_needed
-        }
-        return {k: v for k, v in selected.items() if _bases_owner(k) is None or _bases_owner(k) in keep}
+        # load. Modules whose recomputation could drift (see SpectrumInfo.bases_needed) keep theirs; save_bases=True
+        # keeps both bases of every module (a one-basis layer forms the other from W0), which is what makes a load
+        # onto a copy of the base in another dtype exact.
+        out = {k: v for k, v in selected.items() if _bases_owner(k) is None}
+        for name, module in model.named_modules():
+            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_info:
+                continue
+            if not (save_all or module.svfit_info[adapter_name].bases_needed):
+                continue
+            prefix = f"{name}." if name else ""
+            bases = dict(zip(("U", "V"), module.dense_bases(adapter_name))) if save_all else {
+                side: getattr(module, f"basis_{side}")[adapter_name]
+                for side in ("U", "V") if adapter_name in getattr(module, f"basis_{side}")
+            }
+            stored_dtype = next(iter(p for p in (module.basis_U.get(adapter_name), module.basis_V.get(adapter_name))
+                                     if p is not None)).dtype
+            for side, tensor in bases.items():
+                out[f"{prefix}svfit_{side}.{adapter_name}"] = tensor.detach().to(stored_dtype)
+            out[f"{prefix}svfit_sigma.{adapter_name}"] = module.svfit_sigma[adapter_name]
+        return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -255,17 +266,27 @@ class SVFitModel(BaseTuner):
                 "would not fit. Load the adapter with its own saved config (omit config=) onto the model it was "
                 "trained on."
             )
+        # files name the bases svfit_U / svfit_V; in memory they are the frozen parameters basis_U / basis_V
+        state_dict = {_model_key(k): v for k, v in state_dict.items()}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        # Bases absent from the checkpoint were recomputed at injection: present them as loaded, so that PEFT does
-        # not report them as missing keys.
         for name, module in model.named_modules():
-            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_U:
+            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_sigma:
                 continue
-            for attr in _BASES_ATTRS:
-                key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
-                value = getattr(module, attr)[adapter_name]
-                if key not in remapped and value.device.type != "meta":
-                    remapped[key] = value
+            prefix = f"{name}." if name else ""
+            sigma = remapped.get(f"{prefix}svfit_sigma.{adapter_name}")
+            if sigma is not None and module.placeholder_bases(adapter_name):
+                # a low_cpu_mem_usage load that skipped the SVD: store the bases the trained layer stored
+                module.keep_bases(adapter_name, sigma, config)
+            for attr in ("basis_U", "basis_V", "svfit_sigma"):
+                key = f"{prefix}{attr}.{adapter_name}"
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    remapped.pop(key, None)  # a basis this (one-basis) layer does not store is not needed
+                elif key not in remapped and container[adapter_name].device.type != "meta":
+                    # recomputed at injection: present it as loaded, so that PEFT reports no missing key
+                    remapped[key] = container[adapter_name]
+        # saved bases of sides no layer stores (a save_bases checkpoint on one-basis layers)
+        remapped = {k: v for k, v in remapped.items() if not k.endswith((".basis_U", ".basis_V"))}
         return remapped
 
     # -- inspection --------------------------------------------------------------------------------------------
@@ -388,6 +409,12 @@ def _check_adapter_name(adapter_name: str, prefix: str) -> None:
             f"Adapter name {adapter_name!r} is not allowed with SVFit (it collides with the parameter prefix "
             f"'{prefix}' or the reserved '__base__'); choose another name."
         )
+
+
+def _model_key(file_key: str) -> str:
+    """'a.b.svfit_U' (a checkpoint's name of a basis) -> 'a.b.basis_U' (the frozen parameter's)."""
+    head, _, last = file_key.rpartition(".")
+    return f"{head}.{_FILE_TO_MODEL[last]}" if head and last in _FILE_TO_MODEL else file_key
 
 
 def _bases_owner(key: str) -> Optional[str]:
