@@ -364,11 +364,18 @@ def test_svfit_on_top_of_another_adapter_keeps_that_adapter_on_every_path():
 
 
 def test_a_model_built_under_inference_mode_runs_every_path():
+    """Built and run under inference_mode (no version counters, no autograd): every path gives the reference
+    model's output, and the adapter is not a no-op."""
     x = torch.randn(5, 16)
     with torch.inference_mode():
+        expected = _adapted("reference")(x)
+        base = _MLP()(x)
+        assert not torch.allclose(expected, base, atol=1e-3)
         for path in ("auto", "merged", "input", "output"):
             model = _adapted(path)
-            assert model(x).shape == (5, 16)
+            if path != "auto":
+                assert _svfit_layers(model)[0].compute_path_for(x)[0] == path
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compute_path", ["auto", "merged"])

@@ -250,6 +250,7 @@ def _exchange(jobs: list[Job], owners: dict[str, int], mine: dict[str, Truncated
         results[job.name] = TruncatedSVD(
             U=U.reshape(d_out, r).clone(), S=S.clone(), V=V.reshape(d_in, r).clone(), n=m["n"],
             energy_kept=m["energy_kept"], nuclear_kept=m["nuclear_kept"], min_gap=m["min_gap"],
+            spectrum=torch.tensor(m["spectrum"]) if m["spectrum"] is not None else None,
         )
     return results
 
@@ -259,6 +260,7 @@ def _meta(svd: TruncatedSVD) -> dict:
         "d_out": svd.U.shape[0], "d_in": svd.V.shape[0], "r": svd.r, "n": svd.n, "energy_kept": svd.energy_kept,
         "nuclear_kept": svd.nuclear_kept, "min_gap": svd.min_gap, "dtype": str(svd.U.dtype).removeprefix("torch."),
         "numel": svd.U.numel() + svd.S.numel() + svd.V.numel(),
+        "spectrum": svd.spectrum.tolist() if svd.spectrum is not None else None,
     }
 
 

@@ -4,6 +4,7 @@ run in parallel, on the accelerator, or shared between ranks, instead of one aft
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -75,8 +76,7 @@ def factorize_modules(
         svd = results[name]
         target = base.weight.device
         if svd.U.device != target:  # computed on the accelerator, or received from another rank
-            svd = TruncatedSVD(svd.U.to(target), svd.S.to(target), svd.V.to(target), svd.n, svd.energy_kept,
-                               svd.nuclear_kept, svd.min_gap)
+            svd = dataclasses.replace(svd, U=svd.U.to(target), S=svd.S.to(target), V=svd.V.to(target))
         out[name] = Factorization(fps[name], svd)
     return out, report
 

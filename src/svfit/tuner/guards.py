@@ -8,6 +8,10 @@ import torch
 from torch import nn
 
 
+class BaseWeightMismatchError(ValueError):
+    """An SVFit adapter is being loaded onto base weights other than those it was trained on."""
+
+
 # Modules from these packages hold quantized weights that an SVD must not see.
 _QUANTIZED_MODULE_PREFIXES = (
     "bitsandbytes",

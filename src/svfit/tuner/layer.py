@@ -23,14 +23,12 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core import paths
 from ..core.fingerprint import Fingerprint
+from ..core.drift import RELOAD_DRIFT_BOUND, reload_drift
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
+from ..core.spectrum import SVD_DTYPES
 from .factorization import Factorization, factorize_modules, shift_unit, skips_svd, weight_matrix
 from .guards import check_supported_weight, global_module_hooks, under_init_empty_weights
 
-# Singular vectors are unique only up to rotations within blocks of equal singular values. Below this gap (relative
-# to sigma_1) between neighbours in or at the edge of the kept block, a recomputed SVD may pick different vectors,
-# so the bases of that module are saved with the adapter.
-DEGENERATE_GAP = 1e-6
 
 @dataclass
 class SpectrumInfo:
@@ -41,13 +39,22 @@ class SpectrumInfo:
     r: int  # kept singular values = trainable parameters
     energy_kept: Optional[float]  # share of ||W0||_F^2 held by the kept values
     nuclear_kept: Optional[float]  # share of ||W0||_* (None when the full spectrum was not computed)
-    min_gap: float  # see DEGENERATE_GAP
+    min_gap: float  # smallest gap around the kept block, relative to sigma_1
     fingerprint: Fingerprint
     randomized: bool = False  # bases from a randomized SVD, which another device or BLAS need not reproduce
+    spectrum: Optional[torch.Tensor] = None  # the whole spectrum; None when not computed (bases came from a file)
+    svd_dtype: torch.dtype = torch.float32
 
-    @property
-    def bases_needed(self) -> bool:
-        return self.randomized or self.min_gap < DEGENERATE_GAP
+    def reload_drift(self, shift: torch.Tensor) -> float:
+        """Estimated relative drift of this module's Delta W if its bases were recomputed elsewhere
+        (``svfit.core.drift``); infinite when that cannot be estimated."""
+        if self.randomized or self.spectrum is None:
+            return float("inf")
+        return reload_drift(self.spectrum, shift, self.svd_dtype)
+
+    def needs_bases(self, shift: torch.Tensor) -> bool:
+        """Whether a saved adapter must carry this module's bases to reload within ``RELOAD_DRIFT_BOUND``."""
+        return self.reload_drift(shift) > RELOAD_DRIFT_BOUND
 
 
 class SVFitLayer(BaseTunerLayer):
@@ -146,7 +153,8 @@ class SVFitLayer(BaseTunerLayer):
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
             U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
             info = SpectrumInfo(
-                tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized
+                tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized,
+                svd.spectrum, SVD_DTYPES[config.svd_dtype],
             )
             keep = self._bases_to_keep(config, S, randomized)
             U, V = (U if keep != "V" else None), (V if keep != "U" else None)
@@ -190,6 +198,10 @@ class SVFitLayer(BaseTunerLayer):
         """Which bases this layer keeps for an adapter: "both", "U" or "V"."""
         has_u, has_v = adapter_name in self.basis_U, adapter_name in self.basis_V
         return "both" if has_u and has_v else ("U" if has_u else "V")
+
+    def needs_saved_bases(self, adapter_name: str) -> bool:
+        """Whether a checkpoint of this adapter must carry this module's bases (see ``SpectrumInfo.needs_bases``)."""
+        return self.svfit_info[adapter_name].needs_bases(self.singular_value_shift(adapter_name).detach())
 
     def placeholder_bases(self, adapter_name: str) -> bool:
         return adapter_name in self._placeholders
@@ -478,10 +490,17 @@ class Linear(nn.Module, SVFitLayer):
         if wanted != "auto":
             return (wanted if available.get(wanted) else "reference"), name
         # Chosen from shapes alone (costed as a training step), never from grad mode: the same input then gives the
-        # same bits in training, in eval and after a save/load round trip. In half precision (bf16/fp16 weights, or
-        # autocast to them) a merged weight would round a small update away against W0's own rounding; the other
-        # paths add the update to an activation, which loses no more than the reference branch does.
-        half = base.weight.dtype not in (torch.float32, torch.float64) or _autocast_to_half(x)
+        # same bits in training, in eval and after a save/load round trip. In half precision a merged weight would
+        # round a small update away against W0's own rounding. With half-precision weights the output path loses as
+        # much of the update as the reference branch (the output's rounding) and the input path 1.7x that (it also
+        # rounds the input plus update); under autocast of float32 weights, the input path would round a float32
+        # input plus update to half precision before the matmul, noise far larger than a small update
+        # (tests/test_drift.py).
+        refused = set()
+        if base.weight.dtype not in (torch.float32, torch.float64):
+            refused = {"merged"}
+        elif _autocast_to_half(x):
+            refused = {"merged", "input"}
         path = paths.choose_path(
             x.numel() // self.in_features,
             self.in_features,
@@ -489,7 +508,7 @@ class Linear(nn.Module, SVFitLayer):
             self.svfit_info[name].r,
             training=True,
             one_basis=one_basis,
-            allowed={k for k, ok in available.items() if ok and not (half and k == "merged")},
+            allowed={k for k, ok in available.items() if ok and k not in refused},
             stored=stored,
         )
         return path, name

@@ -17,23 +17,22 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..core.fingerprint import Fingerprint, compare
+from ..core.fingerprint import from_row as from_fingerprint_row
+from ..core.fingerprint import to_row as to_fingerprint_row
 from .config import SVFitConfig
-from .factorization import factorize_modules, layer_kind, skips_svd
-from .guards import check_supported_weight
+from .factorization import factorize_modules, layer_kind, shift_unit, skips_svd
+from .guards import BaseWeightMismatchError, check_supported_weight
 from .layer import SVFitLayer, dispatch
 from .summary import ModuleSummary, summarize
 
 _BASES_ATTRS = ("basis_U", "basis_V", "svfit_sigma", "svfit_U", "svfit_V")  # in memory; in files: svfit_U/V
 _FILE_TO_MODEL = {"svfit_U": "basis_U", "svfit_V": "basis_V"}
+FINGERPRINT_KEY = "svfit_base_fingerprints"  # one uint8 table per adapter file (see _get_adapter_state_dict)
 
 
 _BOUND_TO = "_svfit_bound_to"  # weakref to the model whose weights the config's records describe
 _BOUND_NAME = "_svfit_bound_name"  # that model's base_model_name_or_path
 _RECHOSEN = "_svfit_ranks_rechosen"  # a reused config's copy that re-chose its ranks on a different base
-
-
-class BaseWeightMismatchError(ValueError):
-    """An SVFit adapter is being loaded onto base weights other than those it was trained on."""
 
 
 class SVFitModel(BaseTuner):
@@ -236,14 +235,15 @@ class SVFitModel(BaseTuner):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         save_all = getattr(config, "save_bases", False)
         # By default the file holds the trained vectors only; the bases are recomputed from the base weights at
-        # load. Modules whose recomputation could drift (see SpectrumInfo.bases_needed) keep theirs; save_bases=True
+        # load. Modules whose recomputation could drift by more than the bound (SpectrumInfo.needs_bases: nearly
+        # repeated singular values that training moved apart) keep theirs; save_bases=True
         # keeps both bases of every module (a one-basis layer forms the other from W0), which is what makes a load
         # onto a copy of the base in another dtype exact.
         out = {k: v for k, v in selected.items() if _bases_owner(k) is None}
         for name, module in model.named_modules():
             if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_info:
                 continue
-            if not (save_all or module.svfit_info[adapter_name].bases_needed):
+            if not (save_all or module.needs_saved_bases(adapter_name)):
                 continue
             prefix = f"{name}." if name else ""
             bases = dict(zip(("U", "V"), module.dense_bases(adapter_name))) if save_all else {
@@ -255,6 +255,14 @@ class SVFitModel(BaseTuner):
             for side, tensor in bases.items():
                 out[f"{prefix}svfit_{side}.{adapter_name}"] = tensor.detach().to(stored_dtype)
             out[f"{prefix}svfit_sigma.{adapter_name}"] = module.svfit_sigma[adapter_name]
+        # one table of the base weights' fingerprints, rows in the sorted order of the modules' vector keys, so that
+        # every load path checks the base, whatever config object it is handed
+        owners = sorted(k.rsplit(f".svfit_vector.{adapter_name}", 1)[0] for k in out
+                        if k.endswith(f".svfit_vector.{adapter_name}"))
+        modules = dict(model.named_modules())
+        rows = [to_fingerprint_row(modules[o].svfit_info[adapter_name].fingerprint) for o in owners if o in modules]
+        if rows and len(rows) == len(owners):
+            out[FINGERPRINT_KEY] = torch.stack(rows).cpu()
         return out
 
     @classmethod
@@ -268,11 +276,26 @@ class SVFitModel(BaseTuner):
             )
         # files name the bases svfit_U / svfit_V; in memory they are the frozen parameters basis_U / basis_V
         state_dict = {_model_key(k): v for k, v in state_dict.items()}
+        table = state_dict.pop(FINGERPRINT_KEY, None)
+        recorded = {}
+        if table is not None:
+            owners = sorted(k.rsplit(".svfit_vector", 1)[0] for k in state_dict if k.endswith(".svfit_vector"))
+            if table.dim() != 2 or table.shape[0] != len(owners):
+                raise ValueError(f"the adapter file's {FINGERPRINT_KEY} table does not match its modules: corrupt file")
+            recorded = dict(zip(owners, table))
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        for name, module in model.named_modules():
-            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_sigma:
-                continue
+        layers = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, SVFitLayer) and adapter_name in module.svfit_sigma]
+        # every module's base weight is checked against the one the file was trained on before anything is loaded
+        copies = [_check_loaded_fingerprint(name, module, adapter_name, _row_for(recorded, name), remapped, config)
+                  for name, module in layers]
+        for (name, module), other_dtype in zip(layers, copies):
             prefix = f"{name}." if name else ""
+            if other_dtype is not None:
+                # a copy of the base in another dtype with both saved bases: use them as saved (exact Delta W)
+                module.materialize_bases(adapter_name)
+                module.svfit_unit[adapter_name] = shift_unit(config, other_dtype, min(module.svfit_info[adapter_name].shape))
+                continue
             sigma = remapped.get(f"{prefix}svfit_sigma.{adapter_name}")
             if sigma is not None and module.placeholder_bases(adapter_name):
                 # a low_cpu_mem_usage load that skipped the SVD: store the bases the trained layer stored
@@ -295,6 +318,41 @@ class SVFitModel(BaseTuner):
         """Per adapted module: shape, full spectrum length n, chosen r, share of the spectrum kept."""
         name = adapter_name or self.active_adapters[0]
         return summarize(self.model, name)
+
+
+def _row_for(recorded: dict, module_name: str):
+    """The fingerprint row of a module, whether or not the model is wrapped in a PeftModel (the file's keys are)."""
+    row = recorded.get(module_name)
+    return row if row is not None else recorded.get(f"base_model.model.{module_name}")
+
+
+def _check_loaded_fingerprint(name, module, adapter_name, row, state_dict, config) -> Optional[Fingerprint]:
+    """Check the base-weight fingerprint a checkpoint carries for one module (files from svfit >= 0.2). Returns the
+    recorded fingerprint when this base is a copy of it in another dtype that the checkpoint's saved bases make
+    exact; raises BaseWeightMismatchError for another weight, or for another dtype without both saved bases."""
+    prefix = f"{name}." if name else ""
+    if row is None:
+        return None  # an older file: the config's fingerprints were checked at injection
+    recorded = from_fingerprint_row(row, tuple(module.get_base_layer().weight.shape))
+    if recorded.hash == module.svfit_info[adapter_name].fingerprint.hash:
+        return None
+    match, current = compare(recorded, module.get_base_layer().weight)
+    key = name.removeprefix("base_model.model.")
+    if match == "identical":
+        return None
+    if match == "different":
+        raise BaseWeightMismatchError(
+            f"This SVFit adapter was trained on a different base model: module '{key}' does not match (adapter: "
+            f"{recorded.describe()}; this model: {current.describe()}). SVFit recomputes the singular vectors from the "
+            f"base weights, so load it onto the model it was trained on{_base_hint(config)}."
+        )
+    saved = {side: next((k for k in (f"{prefix}basis_{side}.{adapter_name}", f"{prefix}basis_{side}")
+                         if k in state_dict), None) for side in ("U", "V")}
+    if None in saved.values():
+        raise BaseWeightMismatchError(_other_dtype_message(key, recorded, current))
+    for side, k in saved.items():  # a basis this layer did not store yet still loads: the layer will store both
+        state_dict[f"{prefix}basis_{side}.{adapter_name}"] = state_dict.pop(k)
+    return recorded
 
 
 def _planned_targets(tuner: BaseTuner, model: nn.Module, config: SVFitConfig, state_dict) -> list:
@@ -372,13 +430,19 @@ def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
                 f"{_base_hint(config)}. (Creating a new adapter? An SVFitConfig records the weights it was first "
                 "applied to: pass a fresh SVFitConfig for another model.)"
             )
-        if match == "close":
-            warnings.warn(
-                f"Base weight '{key}' is not byte-identical to the one the adapter was trained on, but matches it up "
-                f"to {current.dtype}/{recorded[key].dtype} rounding; outputs will match only approximately.",
-                stacklevel=3,
-            )
+        if match == "close" and not config.save_bases:
+            raise BaseWeightMismatchError(_other_dtype_message(key, recorded[key], current))
 
+
+def _other_dtype_message(key: str, recorded: Fingerprint, current: Fingerprint) -> str:
+    return (
+        f"This SVFit adapter was trained on the {recorded.dtype} weights of this model, and this copy holds them in "
+        f"{current.dtype} (module '{key}'). Its singular vectors, recomputed from the rounded weights, would move the "
+        f"trained update by several percent, so it is not loaded. Load the base model in {recorded.dtype} "
+        f"(dtype=torch.{recorded.dtype}), load the adapter, then cast the whole model (model.to(torch."
+        f"{current.dtype})); or save the adapter with SVFitConfig(save_bases=True): its file then carries U_r and "
+        "V_r and loads exactly onto a copy in any dtype."
+    )
 
 def _tied_target_weights(model: nn.Module) -> dict[str, list[str]]:
     """SVFit-adapted modules whose base weight is the very tensor some other module also uses (tied weights)."""
