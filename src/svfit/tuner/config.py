@@ -122,7 +122,10 @@ class SVFitConfig(PeftConfig):
     bias: str = field(default="none", metadata={"help": "Train biases: 'none', 'all' or 'svfit_only'."})
     fan_in_fan_out: bool = field(
         default=False,
-        metadata={"help": "Accepted for LoraConfig parity; transformers' Conv1D is detected by class."},
+        metadata={
+            "help": "As in LoraConfig: True if the targeted layers store their weight as (in, out), like GPT-2's "
+            "Conv1D. The layout is read from the layer class; a contradicting value warns and is corrected, as LoRA does."
+        },
     )
     init_weights: bool = field(
         default=True, metadata={"help": "True: start at the base model. False: random non-identity init (tests)."}

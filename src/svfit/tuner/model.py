@@ -15,6 +15,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..core.fingerprint import Fingerprint, compare
 from .config import SVFitConfig
@@ -113,6 +114,7 @@ class SVFitModel(BaseTuner):
         recorded_fp = config.base_fingerprints.get(current_key)
         recorded_fp = Fingerprint.from_json(recorded_fp) if recorded_fp is not None else None
         rank_spec = recorded_r if recorded_r is not None else config.rank_spec_for(current_key)
+        _reconcile_fan_in_fan_out(config, target)
 
         if isinstance(target, SVFitLayer):
             info = target.update_layer(adapter_name, config, rank_spec, recorded_fp, config.inference_mode)
@@ -267,6 +269,27 @@ class SVFitModel(BaseTuner):
             self, list(adapters), list(weights), adapter_name, combination_type,
             dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density),
         )
+
+
+def _reconcile_fan_in_fan_out(config: SVFitConfig, target: nn.Module) -> None:
+    """LoRA's semantics for ``fan_in_fan_out``: it states the base layer's weight layout, (in, out) as in
+    transformers' Conv1D. SVFit reads the layout from the layer class; where the flag contradicts it, warn with
+    LoRA's message and correct the config as LoRA does (so a LoraConfig recipe switched to SVFitConfig behaves the
+    same, and the saved config states the layout that was used). Convolutions and embeddings ignore it, as in LoRA."""
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Conv1D) and not config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+            stacklevel=4,
+        )
+        config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to "
+            "False.",
+            stacklevel=4,
+        )
+        config.fan_in_fan_out = False
 
 
 def _same_records(a: SVFitConfig, b: SVFitConfig) -> bool:
