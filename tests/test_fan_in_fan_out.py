@@ -1,7 +1,7 @@
 """fan_in_fan_out means what it means for LoRA (issue 16, part 5): it states that a layer stores its weight as
-(in, out), like GPT-2's Conv1D. SVFit reads the layout from the layer class; a contradicting flag warns with LoRA's
-message and is corrected in the config, exactly where and as LoRA does, so a LoraConfig recipe switched to
-SVFitConfig behaves the same."""
+(in, out), like GPT-2's Conv1D. SVFit reads the layout from the layer class; an explicit flag that contradicts it warns
+with LoRA's message and is corrected in the config, exactly where and as LoRA does, so a LoraConfig recipe switched to
+SVFitConfig behaves the same. Left at its default (None) it is silent on every layer type."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ MODELS = {"gpt2": (tm.gpt2, ["c_attn", "c_proj"]), "llama": (tm.llama, ["q_proj"
 
 def adapt(config_cls, model_name, flag, **kwargs):
     build, targets = MODELS[model_name]
-    config = config_cls(target_modules=targets, fan_in_fan_out=flag, **kwargs)
+    if flag is not None:
+        kwargs["fan_in_fan_out"] = flag
+    config = config_cls(target_modules=targets, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = get_peft_model(build(0), config)
@@ -40,7 +42,15 @@ def test_warnings_and_corrected_flag_match_lora(model_name, flag):
     assert len(svfit_messages) == (1 if contradicts else 0)
 
 
-@pytest.mark.parametrize("flag", [False, True])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_the_default_reads_the_layout_from_the_layer_silently(model_name):
+    model, config, messages = adapt(svfit.SVFitConfig, model_name, None, init_weights=False)
+    assert messages == [] and config.fan_in_fan_out is None
+    conv1d = [layer.is_conv1d for _, layer in model.named_modules() if isinstance(layer, SVFitLayer)]
+    assert conv1d and all(c == (model_name == "gpt2") for c in conv1d)
+
+
+@pytest.mark.parametrize("flag", [None, False, True])
 def test_the_flag_never_changes_what_a_conv1d_adapter_computes(flag):
     model, _, _ = adapt(svfit.SVFitConfig, "gpt2", flag, init_weights=False)
     reference, _, _ = adapt(svfit.SVFitConfig, "gpt2", True, init_weights=False)

@@ -128,11 +128,11 @@ class SVFitConfig(PeftConfig):
         },
     )
     bias: str = field(default="none", metadata={"help": "Train biases: 'none', 'all' or 'svfit_only'."})
-    fan_in_fan_out: bool = field(
-        default=False,
+    fan_in_fan_out: Optional[bool] = field(
+        default=None,
         metadata={
-            "help": "As in LoraConfig: True if the targeted layers store their weight as (in, out), like GPT-2's "
-            "Conv1D. The layout is read from the layer class; a contradicting value warns and is corrected, as LoRA does."
+            "help": "None (default): read each layer's weight layout from its class (GPT-2's Conv1D stores (in, out)). "
+            "True/False as in LoraConfig: a value that contradicts a layer warns with LoRA's message and is corrected."
         },
     )
     init_weights: bool = field(

@@ -275,7 +275,10 @@ def _reconcile_fan_in_fan_out(config: SVFitConfig, target: nn.Module) -> None:
     """LoRA's semantics for ``fan_in_fan_out``: it states the base layer's weight layout, (in, out) as in
     transformers' Conv1D. SVFit reads the layout from the layer class; where the flag contradicts it, warn with
     LoRA's message and correct the config as LoRA does (so a LoraConfig recipe switched to SVFitConfig behaves the
-    same, and the saved config states the layout that was used). Convolutions and embeddings ignore it, as in LoRA."""
+    same, and the saved config states the layout that was used). Convolutions and embeddings ignore it, as in LoRA.
+    None (SVFit's default) takes the layout from each layer silently."""
+    if config.fan_in_fan_out is None:
+        return
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, Conv1D) and not config.fan_in_fan_out:
         warnings.warn(
