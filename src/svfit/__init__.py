@@ -1,7 +1,9 @@
 """svfit: singular-value fine-tuning (SVFit, arXiv 2409.05926) as a Hugging Face PEFT method.
 
 ``import svfit`` registers the method with PEFT; afterwards ``peft.get_peft_model(model, svfit.SVFitConfig(...))``,
-``save_pretrained`` and ``PeftModel.from_pretrained`` work as for LoRA. Import svfit before loading a saved adapter.
+``save_pretrained`` and ``PeftModel.from_pretrained`` work as for LoRA. Loading a saved adapter needs no
+``import svfit``: the installed ``svfit-autoload.pth`` registers SVFit as soon as peft is imported (see
+``_svfit_autoload``; ``SVFIT_AUTOLOAD=0`` turns that off, and then svfit must be imported first).
 """
 
 from ._version import __version__

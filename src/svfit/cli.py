@@ -10,6 +10,10 @@ from typing import Optional
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from ._extras import require as _require_extras  # noqa: E402
+
+_require_extras("the svfit CLI", "typer", "rich")  # MissingExtraError, printed as one line by svfit.__main__
+
 import typer  # noqa: E402
 
 app = typer.Typer(
@@ -46,6 +50,13 @@ def _guard(fn, *args, **kwargs):
         _fail("interrupted; nothing was written", 130)
     except (UserError, AssetMissingError, BaseWeightMismatchError, OSError, FloatingPointError) as exc:
         _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    except ImportError as exc:
+        from ._extras import extra_for, message
+
+        extra = extra_for(exc)
+        if extra is None or os.environ.get("SVFIT_DEBUG"):
+            raise
+        _fail(message("this command", extra, exc.name.split(".")[0]))
     except (ValueError, KeyError, TypeError) as exc:
         if os.environ.get("SVFIT_DEBUG"):
             raise

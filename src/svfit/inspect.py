@@ -57,6 +57,9 @@ def spectra(model: nn.Module, adapter_name: str = "default", trained: bool = Tru
 def plot_spectra(rows: list[ModuleSpectrum], path: Path, title: str, max_panels: int = 12) -> Path:
     """A grid of per-module spectra: the pre-trained singular values, the cut at r, and (after fine-tuning) the
     adapted values. Modules are sampled evenly when there are more than ``max_panels``."""
+    from ._extras import require
+
+    require("the spectrum plot", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

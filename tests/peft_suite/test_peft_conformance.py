@@ -478,7 +478,8 @@ UPSTREAM_CLASSES = [
     ("test_decoder_models", "TestDecoderModels", "TestSVFitDecoderModels", {"transformers_class": TinyCausalLM}),
 ]
 
-_WEIGHTED = "add_weighted_adapter is implemented by LoRA and IA3 only, not by SVFit's tuner (by design)"
+_WEIGHTED = ("upstream hard-codes LoraConfig or skips configs other than LoRA/IA3 here; SVFit's add_weighted_adapter is "
+             "tested in tests/test_weighted_adapter.py")
 _PROMPT = "applies to prompt-learning methods only"
 _MIXED_ALLOWLIST = (
     "upstream allow-lists LoRA/RoAd for this check and skips every other method; SVFit's mixed batches run in "

@@ -100,7 +100,8 @@ class SVFitConfig(PeftConfig):
             SVFitConfig for another model.
 
     The remaining fields (``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
-    ``modules_to_save``, ``fan_in_fan_out``, ``task_type``) mean what they mean for ``LoraConfig``.
+    ``modules_to_save``, ``trainable_token_indices``, ``fan_in_fan_out``, ``task_type``) mean what they mean for
+    ``LoraConfig``.
     """
 
     r: Optional[Union[int, str]] = field(
@@ -147,10 +148,20 @@ class SVFitConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. a new head)."}
     )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "As in LoraConfig: token indices whose embedding rows train (a list for the input embedding, or "
+            "{'embed_tokens': [...]}), e.g. tokens TRL's SFTTrainer adds when it clones a chat template."
+        },
+    )
     bias: str = field(default="none", metadata={"help": "Train biases: 'none', 'all' or 'svfit_only'."})
-    fan_in_fan_out: bool = field(
-        default=False,
-        metadata={"help": "Accepted for LoraConfig parity; transformers' Conv1D is detected by class."},
+    fan_in_fan_out: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "None (default): read each layer's weight layout from its class (GPT-2's Conv1D stores (in, out)). "
+            "True/False as in LoraConfig: a value that contradicts a layer warns with LoRA's message and is corrected."
+        },
     )
     init_weights: bool = field(
         default=True, metadata={"help": "True: start at the base model. False: random non-identity init (tests)."}

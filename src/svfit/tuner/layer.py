@@ -164,7 +164,7 @@ class SVFitLayer(BaseTunerLayer):
 
         for container, basis in ((self.basis_U, U), (self.basis_V, V)):
             if basis is not None:
-                _put_frozen(container, adapter_name, basis)
+                put_frozen(container, adapter_name, basis)
             elif adapter_name in container:
                 del container[adapter_name]
         self.svfit_sigma[adapter_name] = S
@@ -236,8 +236,8 @@ class SVFitLayer(BaseTunerLayer):
                 continue
             stored = self.basis_U[name] if name in self.basis_U else self.basis_V[name]
             U, V = self.dense_bases(name)
-            _put_frozen(self.basis_U, name, U.to(stored.dtype))
-            _put_frozen(self.basis_V, name, V.to(stored.dtype))
+            put_frozen(self.basis_U, name, U.to(stored.dtype))
+            put_frozen(self.basis_V, name, V.to(stored.dtype))
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # PEFT's version also casts every float container to the base dtype, which would round U, V and the fp32
@@ -251,7 +251,7 @@ class SVFitLayer(BaseTunerLayer):
             if t is not None and t.device.type != "meta" and t.device != target:
                 moved = t.data.to(target)
                 if isinstance(t, nn.Parameter):
-                    _put_frozen(container, adapter_name, moved)
+                    put_frozen(container, adapter_name, moved)
                 else:
                     container[adapter_name] = moved
         if adapter_name in self.svfit_vector:
@@ -274,7 +274,7 @@ class SVFitLayer(BaseTunerLayer):
         for container in (self.basis_U, self.basis_V):
             t = container[adapter_name] if adapter_name in container else None
             if t is not None and t.dtype != bases:
-                _put_frozen(container, adapter_name, t.data.to(bases))
+                put_frozen(container, adapter_name, t.data.to(bases))
 
     # -- the adapted singular values ---------------------------------------------------------------------------
 
@@ -625,7 +625,7 @@ class Embedding(nn.Module, SVFitLayer):
         return self._svfit_forward(x, *args, **kwargs)
 
 
-def _put_frozen(container: nn.ParameterDict, key: str, tensor: torch.Tensor) -> None:
+def put_frozen(container: nn.ParameterDict, key: str, tensor: torch.Tensor) -> None:
     """Store a frozen basis. Bases are data, not weights to initialise: under accelerate's init_empty_weights (PEFT's
     low_cpu_mem_usage) a new parameter is moved to the meta device, so the real tensor is put back."""
     param = nn.Parameter(tensor, requires_grad=False)
