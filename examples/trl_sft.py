@@ -58,8 +58,8 @@ def main():
     parser.add_argument("--model", default=None, help="a local causal-LM checkpoint (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-1,
-                        help="singular values want ~5e-2..2e-1 (lm-sentiment's tuned lr)")
+    parser.add_argument("--lr", type=float, default=2e-4,
+                        help="LoRA's usual rate works: SVFitConfig.scaling sets the singular values' step unit")
     parser.add_argument("--eval", type=int, default=48, help="held-out reviews scored before and after")
     parser.add_argument("--out", type=Path, default=None, help="where to keep the run (default: a temporary dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
