@@ -143,9 +143,8 @@ def test_svd_on_another_device_is_another_cache_entry(tmp_path):
 
         base = _model()[0]
         fp, config = fingerprint(base.weight), svfit.SVFitConfig()
-        on = {d: cache_key(fp, base, config, "Linear", torch.device(d), 5) for d in ("cpu", "cuda", "meta")}
+        on = {d: cache_key(fp, base.weight.shape, False, config, "Linear", d, 5) for d in ("cpu", "cuda", "xpu")}
         assert len(set(on.values())) == 3
-        assert cache_key(fp, base, config, "Linear", None, 5) == on["cpu"]  # None: where the (CPU) weight lives
     finally:
         svfit.set_svd_cache(None)
 

@@ -116,7 +116,7 @@ def run_jobs(
         mine = [j for j in jobs if owners[j.name] == report.rank]
     results = _run_local(mine, device, workers, report)
     if group is not None:
-        results = _exchange(jobs, owners, results, report)
+        results = share(jobs, owners, results, report)
     report.factorised = len(mine)
     report.names = [j.name for j in mine]
     report.seconds = time.perf_counter() - started
@@ -219,9 +219,10 @@ def _agreed_group(names: list[str], report: Report):
     return dist.group.WORLD
 
 
-def _exchange(jobs: list[Job], owners: dict[str, int], mine: dict[str, TruncatedSVD], report: Report):
-    """Broadcast every result from its owner. Metadata (shapes, spectrum shares) first, as objects; then one flat
-    tensor per job, on the device the backend communicates from."""
+def share(jobs: Sequence[Job], owners: dict[str, int], mine: dict[str, TruncatedSVD], report: Report):
+    """Broadcast every result from its owner (a collective: every rank calls it with the same jobs and owners, having
+    computed its own share ``mine``). Metadata (shapes, spectrum shares) first, as objects; then one flat tensor per
+    job, on the device the backend communicates from. Fills ``report.per_rank``."""
     import torch.distributed as dist
 
     meta = {name: _meta(svd) for name, svd in mine.items()}

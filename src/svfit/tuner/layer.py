@@ -27,7 +27,7 @@ from ..core.drift import RELOAD_DRIFT_BOUND, reload_drift
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
 from ..core.spectrum import SVD_DTYPES
 from .factorization import Factorization, factorize_modules, shift_unit, skips_svd, weight_matrix
-from .guards import check_supported_weight, global_module_hooks, under_init_empty_weights
+from .guards import check_supported_weight, global_module_hooks, is_dtensor, under_init_empty_weights
 
 
 @dataclass
@@ -184,10 +184,12 @@ class SVFitLayer(BaseTunerLayer):
 
     def _bases_to_keep(self, config, sigma: torch.Tensor, randomized: bool) -> str:
         """"U", "V" (one basis: the layer's smaller side) or "both". One basis needs the exact identity
-        W0 V_r = U_r diag(sigma_r) (so no randomized SVD) and a well-conditioned kept spectrum (the other basis is
-        W0 V_r / sigma_r); layers other than Linear / Conv1D keep both."""
+        W0 V_r = U_r diag(sigma_r) (so no randomized SVD), a well-conditioned kept spectrum (the other basis is
+        W0 V_r / sigma_r) and W0 at hand in the forward; layers other than Linear / Conv1D keep both."""
         if getattr(config, "bases", "auto") == "both" or randomized or not self._one_basis_storage:
             return "both"
+        if is_dtensor(self.get_base_layer().weight):
+            return "both"  # already sharded: W0 is whole only inside its own unit's forward (FSDP shards both bases)
         if sigma.numel() == 0 or not paths.one_basis_ok(sigma):
             return "both"
         return "V" if self.in_features <= self.out_features else "U"
@@ -264,6 +266,8 @@ class SVFitLayer(BaseTunerLayer):
         dtype per ``bases_dtype``; sigma_r always float32."""
         if adapter_name not in self.svfit_vector:
             return
+        if is_dtensor(self.svfit_vector[adapter_name]):
+            return  # sharded by FSDP2 as created (float32 vector, bases in bases_dtype): FSDP owns these parameters
         base_dtype = self.get_base_layer().weight.dtype
         base_dtype = base_dtype if base_dtype.is_floating_point else torch.float32
         p = self.svfit_vector[adapter_name]

@@ -104,6 +104,7 @@ class SVFitModel(BaseTuner):
             )
         finally:
             self._svfit_factorized = {}
+        _shard_like_their_bases(model)
         if report is not None:
             self.svfit_init_report[adapter_name] = report
         if reused and not getattr(config, _RECHOSEN, False) and _same_records(config, original):
@@ -151,6 +152,7 @@ class SVFitModel(BaseTuner):
     def _factorize_targets(self, model, config, low_cpu_mem_usage, state_dict):
         """Factorise every module this injection will adapt, found as PEFT's injection will find them."""
         targets = _planned_targets(self, model, config, state_dict)
+        _refuse_adding_to_sharded_layers(targets)
         on_meta = low_cpu_mem_usage
         modules, kinds = {}, {}
         for key, module in targets:
@@ -414,6 +416,40 @@ def _check_loaded_fingerprint(name, module, adapter_name, row, state_dict, confi
     for side, k in saved.items():  # a basis this layer did not store yet still loads: the layer will store both
         state_dict[f"{prefix}basis_{side}.{adapter_name}"] = state_dict.pop(k)
     return recorded
+
+
+def _refuse_adding_to_sharded_layers(targets) -> None:
+    """FSDP2 manages a fixed set of parameters per unit: an SVFit layer already sharded cannot take a second
+    adapter's parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for key, module in targets:
+        if isinstance(module, SVFitLayer) and isinstance(module, FSDPModule):
+            raise ValueError(
+                f"cannot add another SVFit adapter to '{key}': it is already sharded by FSDP2, which manages a fixed "
+                "set of parameters. Add every adapter before sharding (get_peft_model / add_adapter, then "
+                "fully_shard), or load them into a fresh model."
+            )
+
+
+def _shard_like_their_bases(model: nn.Module) -> None:
+    """An SVFit layer whose base weight FSDP2 already shards becomes an FSDP2 unit of its own on the same mesh, so
+    that its singular values and bases are sharded too and their gradients reduced across ranks (the base's
+    parameters stay with the unit that owns them)."""
+    from .guards import is_dtensor
+
+    for module in model.modules():
+        if not isinstance(module, SVFitLayer):
+            continue
+        base = module.get_base_layer()
+        if not is_dtensor(base.weight):
+            continue
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=base.weight.device_mesh, ignored_params=set(base.parameters()))
 
 
 def _planned_targets(tuner: BaseTuner, model: nn.Module, config: SVFitConfig, state_dict) -> list:
