@@ -10,7 +10,7 @@ The script a LoRA user already has: MiniLM-L6 (a BERT) for Rotten Tomatoes senti
 * SVFit on a learning-rate grid (x2 steps, widened while the best sits at an edge): its tuned accuracy, which
   the two drop-in rows should reach within 2 points.
 
-Each row is 2 seeds on the same data (3,000 training reviews, a fixed 2,000-review test split); the report gives
+Each row is one seed (the machine is shared; the run takes hours) on the same data (3,000 training reviews, a fixed 2,000-review test split); the report gives
 mean accuracy per row. ``SVFitConfig.scaling``'s default was chosen from this grid: the lr that is best at a given
 scaling identifies the scaling that puts LoRA's learning rates (5e-5 to 2e-4) on that optimum.
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 NAME = "dropin"
 TRAIN, TEST = 3000, 2000
-SEEDS = (0, 1)
+SEEDS = (0,)
 DEFAULT_LRS = (5e-5, 2e-4)
-GRID = (2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4, 8e-4)
+GRID = (5e-5, 1e-4, 2e-4, 4e-4, 8e-4)
 QUICK = {"train": 32, "test": 16, "seeds": (0,), "grid": (2e-4,), "epochs": 1.0}
 
 

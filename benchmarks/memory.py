@@ -5,7 +5,8 @@ Measured (one fresh process per method and target set, SmolLM2-135M in bf16, gra
 * **added bytes**: the bytes of every parameter and buffer after `get_peft_model` minus before (exact accounting,
   PEFT's default `autocast_adapter_dtype=True`), and that per byte of the targeted weights themselves;
 * **peak training memory over the loaded model**: peak RSS during 6 AdamW steps (reset after init, so the SVD's
-  workspace is not counted) minus the RSS of the loaded base model.
+  workspace is not counted) minus the RSS of the loaded base model (LAPACK warmed first in every process: its first
+  call pages in ~12 MiB of MKL code, counted in RSS though it is shared and file-backed).
 
 Computed (by arithmetic from SmolLM2's measured rank fractions per projection, r / min(d_in, d_out) at the 0.99
 threshold): the bytes SVFit and LoRA r=8 add to Llama-3-8B- and -70B-shaped models in bf16, for q,v and all linear
@@ -105,6 +106,9 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     model = _load(quick)
     model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    # LAPACK's first call pages in ~12 MiB of MKL code (file-backed, shared, yet counted in RSS): warm it in every
+    # process, so that the rows compare what the methods allocate
+    torch.linalg.svd(torch.randn(64, 64), full_matrices=False)
     _trim()
     rss_model = _rss()
     before = _tensor_bytes(model)
@@ -113,6 +117,8 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
               else LoraConfig(r=8, lora_alpha=16, target_modules=spec))
     model = get_peft_model(model, config)
     added = _tensor_bytes(model) - before
+    _trim()
+    rss_init = _rss()
     adapted = [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in model.modules()
                if isinstance(m, SVFitLayer) or (method == "lora" and hasattr(m, "lora_A"))]
     target_bytes = sum(m.weight.numel() * m.weight.element_size() for m in adapted if isinstance(m, nn.Linear))
@@ -139,6 +145,7 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     return {
         "method": method, "targets": targets, "added_bytes": added, "target_weight_bytes": target_bytes,
         "added_per_target_byte": added / target_bytes, "peak_over_model_bytes": peak - rss_model,
+        "init_rss_over_model_bytes": rss_init - rss_model, "train_peak_over_init_bytes": peak - rss_init,
         "peak_reset": reset, "trainable": sum(p.numel() for p in params), "modules": len(adapted),
         "rank_fraction": {k: statistics.fmean(v) for k, v in ranks.items()}, "loadavg": os.getloadavg(),
     }
