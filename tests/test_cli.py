@@ -336,3 +336,32 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- start-up: `svfit --help` must not wait for torch, transformers, peft, diffusers or matplotlib ---------------------
+
+HEAVY = ("torch", "transformers", "peft", "diffusers", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["dreambooth", "--help"]])
+def test_help_imports_no_heavy_module(argv):
+    code = (
+        "import sys\nfrom svfit.cli import main\n"
+        f"sys.argv = ['svfit', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage:" in out and "HEAVY []" in out, out
+
+
+def test_svfit_registers_with_peft_when_peft_is_imported_after_it(tmp_path):
+    """`import svfit` no longer imports peft itself; importing peft afterwards (or using an svfit name) registers."""
+    code = (
+        "import sys\nimport svfit\nassert 'peft' not in sys.modules\n"
+        "from peft import PeftConfig, PeftType\n"
+        "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
+        "print(PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SVFIT].__name__, svfit.SVFitConfig.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["SVFitModel", "SVFitConfig"]
