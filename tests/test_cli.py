@@ -136,11 +136,29 @@ def test_image_predict_takes_a_file(tmp_path):
     assert code == 0, output
     assert output.split("\t")[0] in {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                                      "Sneaker", "Bag", "Ankle boot"}
+    assert "not writable" not in output  # no PyTorch UserWarning about PIL's read-only pixel buffer
     code, output = cli("predict", out, tmp_path / "missing.png")
     assert code == 1 and "image not found" in output
     (tmp_path / "bad.png").write_text("not an image")
     code, output = cli("predict", out, tmp_path / "bad.png")
     assert code == 1 and "not an image" in output
+
+
+def test_an_image_file_becomes_pixels_without_a_warning(tmp_path):
+    """PIL hands out a read-only buffer; torch.from_numpy on it prints a "NumPy array is not writable" UserWarning."""
+    import warnings
+
+    from PIL import Image
+
+    from svfit.tasks import get_task
+    from svfit.tasks.vision import load_image_as_fashion_mnist
+
+    Image.fromarray((torch.rand(40, 30) * 100).to(torch.uint8).numpy()).save(tmp_path / "dark.png")  # not inverted
+    image = load_image_as_fashion_mnist(str(tmp_path / "dark.png"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels = get_task("fashion").pixels(image[None])
+    assert pixels.shape[0] == 1
 
 
 # -- wrong input: one clear line, non-zero exit, nothing written ----------------------------------------------------
@@ -159,6 +177,8 @@ def test_image_predict_takes_a_file(tmp_path):
         (["train", "--parametrization", "scale", "--limit", "8"], "pass --lr explicitly"),
         (["train", "--parametrization", "sigma", "--lr", "1e-2", "--weight-decay", "0.1", "--limit", "8"],
          "towards zero"),
+        (["train", "--targets", "re:[", "--limit", "8"], "--targets 're:[' is not a valid regular expression"),
+        (["inspect", "sentiment", "--targets", "re:(q"], "is not a valid regular expression"),
         (["eval", "/nonexistent/run"], "not an svfit run directory"),
         (["inspect", "not-a-thing"], "neither a run directory"),
     ],
@@ -169,6 +189,81 @@ def test_bad_input_gives_one_clear_line_and_exit_1(args, message, tmp_path):
     lines = [line for line in output.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], output
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["train", "--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["train", "--head-lr", "nan"], "--head-lr must be a finite number"),
+        (["train", "--head-lr", "inf"], "--head-lr must be a finite number"),
+        (["train", "--head-lr", "0"], "--head-lr must be positive"),
+        (["train", "--epochs", "nan"], "--epochs must be a finite number"),
+        (["train", "--weight-decay", "-1"], "--weight-decay must be >= 0, got -1"),
+        (["train", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["train", "--threshold", "nan"], "--threshold must lie in (0, 1]"),
+        (["train", "--information", "entropy"], "unknown --information 'entropy'; choose one of: energy, nuclear"),
+        # the name is wrong: say so, rather than ask for --lr first and report the name only once --lr is given
+        (["train", "--parametrization", "foo"], "unknown --parametrization 'foo'; choose one of: delta, sigma, scale"),
+        (["train", "--parametrization", "foo", "--lr", "0.1"], "unknown --parametrization 'foo'"),
+        # dreambooth takes the same checks, with the same words
+        (["dreambooth", "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["dreambooth", "--lr", "-1"], "--lr must be positive"),
+        (["dreambooth", "--prior-weight", "-1"], "--prior-weight must be >= 0, got -1"),
+        (["dreambooth", "--guidance", "-3"], "--guidance must be >= 1, got -3"),
+        (["dreambooth", "--guidance", "nan"], "--guidance must be a finite number"),
+    ],
+)
+def test_bad_numbers_fail_up_front_naming_the_flag(args, message, tmp_path):
+    """NaN, infinite and out-of-range hyper-parameters are refused before the model or the data load."""
+    small = TINY if args[0] == "train" else ["--steps", "1", "--num-samples", "1", "--sample-steps", "1", "--quiet"]
+    # small sizes first (the flag under test comes later and wins), so that a check that lets it through stays cheap
+    code, output = cli(args[0], *small, *args[1:], "--out", tmp_path / "out")
+    assert code == 1, output
+    lines = [line for line in output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], output
+    assert "task " not in output and "instance images" not in output  # nothing was loaded
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_head_names_head_lr():
+    from svfit.train.loop import OptimConfig, fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    data = [{"x": torch.zeros(2)} for _ in range(4)]
+    collate = lambda xs: {"x": torch.stack([d["x"] for d in xs])}  # noqa: E731
+    nan_loss = lambda m, batch: m(batch["x"]).sum() * float("nan")  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"lower the learning rate \(--lr or --head-lr\)"):
+        fit(model, data, collate, nan_loss, OptimConfig(lr=1e-3, head_lr=1e-3), epochs=1, batch_size=2, seed=0,
+            is_head=lambda name: name.startswith("1."), progress=False)
+    with pytest.raises(FloatingPointError, match=r"lower the learning rate \(--lr\)"):
+        fit(model, data, collate, nan_loss, OptimConfig(lr=1e-3, head_lr=1e-3), epochs=1, batch_size=2, seed=0,
+            is_head=lambda name: False, progress=False)
+
+
+def test_a_full_disk_at_save_time_gives_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... I/O error: No space left on device (os error 28)")."""
+    from safetensors import SafetensorError
+
+    from svfit.methods import SVFitMethod
+
+    def full_disk(self, model, run_dir):
+        (run_dir / "adapter").mkdir()
+        (run_dir / "adapter" / "adapter_model.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(SVFitMethod, "save", full_disk)
+    out = tmp_path / "runs" / "run"
+    code, output = cli("train", "--out", out, *TINY)
+    assert code == 1, output
+    assert output.strip().splitlines()[-1] == (
+        f"error: cannot write {out}: No space left on device; nothing was written (free some space or choose "
+        "another --out)"
+    )
+    assert "Traceback" not in output and "SafetensorError" not in output
+    assert not out.exists() and not list(out.parent.iterdir())  # no partial run, no staging directory
 
 
 def test_output_below_a_file_fails_before_training(tmp_path):
@@ -215,8 +310,10 @@ def test_corrupt_adapter_gives_a_clear_error(sentiment_run, tmp_path):
         assert code == 1 and "corrupt" in output and "Traceback" not in output
     shutil.copy(out / "adapter" / "adapter_model.safetensors", broken / "adapter" / "adapter_model.safetensors")
     (broken / "adapter" / "adapter_config.json").write_text("{ truncated")
-    code, output = cli("eval", broken, "--quiet")
-    assert code == 1 and "corrupt" in output and "Traceback" not in output
+    for command in (["eval", broken, "--quiet"], ["predict", broken, "some text"], ["inspect", broken]):
+        code, output = cli(*command)
+        assert code == 1 and "corrupt" in output and "Traceback" not in output
+        assert "adapter_config.json" in output and "adapter_model.safetensors" not in output, output  # the right file
     (broken / "result.json").write_text("{ not json")
     code, output = cli("eval", broken)
     assert code == 1 and "corrupt" in output

@@ -70,6 +70,12 @@ def _parse_targets(targets: Optional[str]):
     if targets is None:
         return None
     if targets.startswith("re:"):
+        import re
+
+        try:
+            re.compile(targets[3:])
+        except re.error as exc:
+            raise UserError(f"--targets {targets!r} is not a valid regular expression: {exc}") from None
         return targets[3:]
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SVFitUserError
+from ..validation import check_number, check_optimizer
 from .pipeline import TextToImage
 from .sampling import sample
 
@@ -60,8 +61,7 @@ class DreamBoothConfig:
             raise SVFitUserError(f"--num-class-images must be >= 1 with --class-prompt, got {self.num_class_images}")
         if self.rank is not None and self.rank < 1:
             raise SVFitUserError(f"--rank must be >= 1, got {self.rank}")
-        if self.lr is not None and not self.lr > 0:
-            raise SVFitUserError(f"--lr must be > 0, got {self.lr}")
+        check_numbers(lr=self.lr, prior_weight=self.prior_weight, guidance=self.guidance)
         if not self.instance_prompt.strip():
             raise SVFitUserError("--instance-prompt is empty; give e.g. 'a photo of sks dog'")
 
@@ -72,6 +72,14 @@ class DreamBoothConfig:
     @property
     def all_targets(self) -> list[str]:
         return list(self.targets) + (list(CONV_TARGETS) if self.conv else [])
+
+
+def check_numbers(lr: Optional[float] = None, prior_weight: Optional[float] = None,
+                  guidance: Optional[float] = None) -> None:
+    """The real-valued settings (None = default, accepted): run before the pipeline loads, and by the config."""
+    check_optimizer(lr)
+    check_number("--prior-weight", prior_weight, minimum=0.0, why="0 turns prior preservation's loss off")
+    check_number("--guidance", guidance, minimum=1.0, why="1 turns classifier-free guidance off")
 
 
 def load_instance_images(directory: Path, channels: int, resolution: int) -> torch.Tensor:

@@ -127,7 +127,8 @@ def fit(
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate (--lr)"
+                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate "
+                    f"({_lr_flags(optimizer)})"
                 )
             accelerator.backward(loss)
             if optim.grad_clip:
@@ -172,6 +173,17 @@ def fit(
     log.train_time = time.perf_counter() - start
     model.eval()
     return log
+
+
+def _progress_line(entry: dict, total_steps: int, elapsed: float) -> str:
+    return (f"step {entry['step']}/{total_steps}  loss {entry['train loss']:.4f}  "
+            f"{entry['examples / sec']:.1f} examples/s  {elapsed:.0f} s elapsed")
+
+
+def _lr_flags(optimizer) -> str:
+    """The CLI flags of the learning rates in play: a diverging head must not be blamed on --lr alone."""
+    names = {group.get("name") for group in optimizer.param_groups}
+    return " or ".join(flag for flag, name in (("--lr", "adapter"), ("--head-lr", "head")) if name in names) or "--lr"
 
 
 def _batch_size(batch: dict) -> int:
