@@ -60,6 +60,47 @@ def test_train_prints_accuracy_before_and_after_and_writes_the_run(sentiment_run
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging leftovers
 
 
+def test_progress_goes_to_a_log_file_as_plain_lines(tmp_path):
+    """`svfit train > log`: no terminal, so no progress bar; a line per logging interval (10 steps) instead."""
+    log = tmp_path / "log"
+    with open(log, "w") as stdout:
+        proc = subprocess.run(
+            [sys.executable, "-m", "svfit", "train", "--out", str(tmp_path / "run"), "--limit", "48", "--epochs", "1",
+             "--batch-size", "4", "--lr", "0.01"],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600,
+        )
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["10/12", "12/12"], text
+    assert all(" loss " in line and "examples/s" in line and "s elapsed" in line for line in lines)
+    assert text.index("before fine-tuning") < text.index(lines[0]) < text.index("after fine-tuning")
+    assert "\r" not in text and "\r" not in proc.stderr  # no progress bar redraws anywhere
+
+
+def test_quiet_prints_no_progress_lines(sentiment_run):
+    _, output = sentiment_run
+    assert not [line for line in output.splitlines() if line.startswith("step ")]
+
+
+def test_a_run_that_moved_singular_values_through_zero_says_so(tmp_path):
+    out = tmp_path / "hot"
+    code, output = cli("train", "--out", out, *TINY, "--lr", "50")
+    assert code == 0, output
+    warnings = [line for line in output.splitlines() if line.startswith("warning: ")]
+    assert any("kept singular values changed sign during training" in w and "--lr 50" in w for w in warnings), output
+    assert any("held-out loss ended above where it started" in w for w in warnings), output
+    assert json.loads((out / "result.json").read_text())["train_info"]["warnings"] == [w[9:] for w in warnings]
+
+
+def test_a_gentle_run_moves_no_singular_value_through_zero(tmp_path):
+    out = tmp_path / "gentle"
+    code, output = cli("train", "--out", out, *TINY, "--lr", "1e-3")
+    assert code == 0, output
+    assert "changed sign" not in output
+    assert not [w for w in json.loads((out / "result.json").read_text())["train_info"]["warnings"] if "sign" in w]
+
+
 def test_eval_reproduces_the_recorded_accuracy(sentiment_run):
     out, _ = sentiment_run
     code, output = cli("eval", out, "--quiet")

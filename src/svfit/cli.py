@@ -52,6 +52,12 @@ def _guard(fn, *args, **kwargs):
         _fail(f"{exc} (set SVFIT_DEBUG=1 for a traceback)")
 
 
+def _on_terminal() -> bool:
+    """Both streams are a terminal: the progress bar (stderr) is seen, and so is everything else. Otherwise (a log
+    file, a pipe, nohup, a notebook cell) progress is printed as plain lines on stdout, next to the results."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _parse_rank(rank: Optional[str]):
     if rank is None:
         return None
@@ -121,7 +127,9 @@ def train(
     ),
     save_bases: bool = typer.Option(False, "--save-bases", help="svfit: also save U_r, V_r (bigger file, no SVD at load)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
+    quiet: bool = typer.Option(
+        False, "--quiet", help="No progress (a bar on a terminal; a line per 10 steps in a log or a pipe)"
+    ),
 ):
     """Fine-tune a pre-trained model on a task; print accuracy before and after; save the adapter and result.json.
 
@@ -159,6 +167,7 @@ def train(
             weight_decay=weight_decay, validation=validation, eval_every=eval_every, options=options,
             overwrite=overwrite or out is None,  # the default location is ours to refresh
             progress=not quiet and sys.stderr.isatty(),
+            progress_lines=not quiet and not _on_terminal(),
         )
         _quiet_libraries()
         train_run(config, echo=typer.echo)

@@ -189,6 +189,7 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         accelerator=accelerator,
         evaluate=(lambda m: task.evaluate(m, curve_set, task.defaults.eval_batch_size)) if curve_set else None,
         eval_every=cfg.eval_every,
+        report=echo if cfg.progress_lines else None,
     )
     # Data-parallel replicas must end identical; record each process's checksum of the trained parameters.
     checksums = gather_object([_trained_checksum(model)])
@@ -201,13 +202,52 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     after = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
     eval_time = time.perf_counter() - eval_start
     echo(f"after fine-tuning:  accuracy {after['accuracy']:.4f}  loss {after['loss']:.4f}  ({log.train_time:.0f} s training)")
+    doubts = doubtful_outcome(model, before, after, cfg.lr)
+    for line in doubts:
+        echo(f"warning: {line}")
 
     with staged_directory(cfg.out) as stage:
         weights = method.save(model, stage)
         result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_head, n_total, started)
+        result["train_info"]["warnings"] = doubts
         write_json(stage / RESULT_FILE, result)
     echo(f"saved {cfg.out}/ ({weights.relative_to(stage)}: {result['train_info']['file_size']:,} bytes)")
     return result
+
+
+def doubtful_outcome(model: torch.nn.Module, before: dict, after: dict, lr: float) -> list[str]:
+    """One line per sign that training went wrong, for the user to see before trusting the run: kept singular
+    values pushed through zero (an SVFit step far larger than the spectrum), or a held-out loss that ended above the
+    pre-trained model's."""
+    from ..core.parametrization import adapted_singular_values
+    from ..tuner.layer import SVFitLayer
+
+    lines = []
+    flipped = kept = 0
+    worst = 0.0
+    for layer in model.modules():
+        if not isinstance(layer, SVFitLayer):
+            continue
+        for name, vector in layer.svfit_vector.items():
+            sigma = layer.svfit_sigma[name].float()
+            new = adapted_singular_values(vector.detach().float(), sigma, layer.svfit_parametrization[name],
+                                          layer.svfit_nonneg[name]).to(sigma.device)
+            positive = sigma > 0
+            flipped += int((new[positive] < 0).sum())
+            kept += int(sigma.numel())
+            if bool(positive.any()):
+                worst = max(worst, float(((new - sigma).abs()[positive] / sigma[positive]).max()))
+    if flipped:
+        lines.append(
+            f"{flipped:,} of {kept:,} kept singular values changed sign during training (the largest moved by "
+            f"{100 * worst:,.0f}% of its pre-trained value): --lr {lr:g} is probably too high for this run"
+        )
+    if after["loss"] > before["loss"]:
+        lines.append(
+            f"the held-out loss ended above where it started ({before['loss']:.4f} -> {after['loss']:.4f}): the "
+            f"run did not fit; try a lower --lr (now {lr:g}) or more data / epochs"
+        )
+    return lines
 
 
 def _silent(*_args, **_kwargs) -> None:
