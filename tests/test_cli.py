@@ -127,6 +127,80 @@ def test_inspect_a_run_writes_the_table_and_plot(sentiment_run, tmp_path):
     assert len(table["modules"]) == 12 and table["modules"][0]["adapted_sigma"] is not None
 
 
+def test_inspect_reads_a_run_without_any_svd(sentiment_run, tmp_path, monkeypatch):
+    """The table and plot need singular values only: one svdvals per weight, not the SVD a reload computes; with the
+    SVD cache on, a second inspect reads the spectra from it."""
+    from svfit import set_svd_cache
+
+    out, _ = sentiment_run
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("svfit inspect computed a full SVD")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    set_svd_cache(tmp_path / "cache")
+    try:
+        code, output = cli("inspect", out, "--plot", tmp_path / "a.png")
+        assert code == 0, output
+        assert len(list((tmp_path / "cache").glob("*.svdvals.safetensors"))) == 12
+        monkeypatch.setattr(torch.linalg, "svdvals", no_svd)
+        code, output = cli("inspect", out, "--plot", tmp_path / "b.svg", "--json", tmp_path / "b.json")
+        assert code == 0, output
+    finally:
+        set_svd_cache(None)
+    assert (tmp_path / "b.svg").read_text().lstrip().startswith("<?xml")  # the format follows the suffix
+    assert len(json.loads((tmp_path / "b.json").read_text())["modules"]) == 12
+
+
+def test_inspect_of_a_run_matches_the_reloaded_adapted_model(sentiment_run):
+    from svfit.inspect import run_spectra, spectra
+    from svfit.train.run import load_run
+
+    out, _ = sentiment_run
+    fast, _ = run_spectra(out)
+    _, model, _ = load_run(out)
+    slow = spectra(model)
+    assert [r.module for r in fast] == [r.module for r in slow] and [r.r for r in fast] == [r.r for r in slow]
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and a.trainable == b.trainable
+        assert a.energy_kept == pytest.approx(b.energy_kept, abs=1e-5)
+        assert a.nuclear_kept == pytest.approx(b.nuclear_kept, abs=1e-5)
+        torch.testing.assert_close(a.pretrained, b.pretrained, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.adapted, b.adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_checks_its_outputs_before_computing_and_writes_all_or_nothing(sentiment_run, tmp_path):
+    out, _ = sentiment_run
+    (tmp_path / "file").write_text("x")
+    blocked = tmp_path / "file" / "x.json"  # below a regular file: cannot be created, even by root
+    for args, message in (
+        (["--plot", tmp_path / "p.png", "--json", blocked], f"cannot write --json {blocked}"),
+        (["--plot", tmp_path / "file" / "p.png"], f"cannot write --plot {tmp_path / 'file' / 'p.png'}"),
+        (["--plot", tmp_path / "p.txt"], "cannot write a '.txt' file; give a name ending in .png, .pdf, .svg"),
+        (["--plot", tmp_path], "is a directory"),
+    ):
+        code, output = cli("inspect", out, *args)
+        assert code == 1, output
+        assert output.strip().splitlines() == [f"error: {output.strip().split('error: ', 1)[1]}"], output
+        assert message in output and ".tmp" not in output, output
+        assert "modules" not in output  # failed before computing (the table is printed after)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no PNG, no temp file
+
+
+def test_several_outputs_are_written_together_or_not_at_all(tmp_path):
+    from svfit.inspect import write_outputs
+
+    def fail(tmp):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"cannot write --json .*b.json: No space left on device"):
+        write_outputs([(tmp_path / "a.png", "--plot", lambda tmp: tmp.write_bytes(b"png")),
+                       (tmp_path / "b.json", "--json", fail)])
+    assert list(tmp_path.iterdir()) == []
+    write_outputs([(tmp_path / "a.png", "--plot", lambda tmp: tmp.write_bytes(b"png"))])
+    assert (tmp_path / "a.png").read_bytes() == b"png" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_inspect_a_task_before_fine_tuning(tmp_path):
     code, output = cli("inspect", "sentiment", "--information", "nuclear", "--plot", tmp_path / "p.png")
     assert code == 0, output
