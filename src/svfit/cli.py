@@ -332,11 +332,11 @@ def dreambooth(
         False, "--train-text-encoder", help="Also adapt the text encoder's attention (q/k/v/out_proj)"
     ),
     rank: Optional[int] = typer.Option(None, help="lora: rank [default: 4]; svfit: fixed r [default: 0.99 threshold]"),
-    steps: int = typer.Option(200, help="Training steps"),
+    steps: int = typer.Option(300, help="Training steps"),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: svfit 1e-2, lora 1e-3, full 5e-5]"),
     batch_size: int = typer.Option(4, "--batch-size", help="Instance images per step (as many prior images again)"),
     num_class_images: int = typer.Option(
-        32, "--num-class-images", help="Prior-preservation images the base model generates for --class-prompt"
+        64, "--num-class-images", help="Prior-preservation images the base model generates for --class-prompt"
     ),
     prior_weight: float = typer.Option(1.0, "--prior-weight", help="Weight of the prior-preservation loss"),
     sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps when sampling"),
@@ -372,7 +372,7 @@ def dreambooth(
         diffusers_logging.disable_progress_bar()
         opts = RunOptions(model=model, instance_dir=instance_dir, out=out or Path("runs") / f"dreambooth-{method}",
                           num_samples=num_samples, overwrite=overwrite or out is None,
-                          progress=not quiet and sys.stderr.isatty())
+                          progress=not quiet and sys.stderr.isatty(), progress_lines=not quiet and not _on_terminal())
         _quiet_libraries()
         run_dreambooth(opts, dict(
             instance_prompt=instance_prompt, class_prompt=class_prompt, method=method,
