@@ -117,7 +117,7 @@ def run_spectra(run_dir: Path, model_dir: Optional[str] = None) -> tuple[list[Mo
     return rows, task
 
 
-def all_spectra(modules: dict[str, nn.Module], svd_dtype: str = "float32") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def all_spectra(modules: dict[str, nn.Module], svd_dtype: str = "float32") -> dict[str, tuple[torch.Tensor, ...]]:
     """{name: (weight matrix, its singular values)}. Each svdvals runs single-threaded, several at a time: on a
     machine whose cores are busy, one multi-threaded LAPACK call at a time waits on its slowest thread (measured
     on a loaded 2-core machine: 12x slower than one thread for SmolLM2's q/v projections)."""
@@ -172,7 +172,8 @@ def _spectrum(module: nn.Module, matrix: torch.Tensor, svd_dtype: str) -> torch.
 def _shares(S: torch.Tensor, r: int) -> tuple[float, float]:
     S = S.double()
     energy, nuclear = float((S**2).sum()), float(S.sum())
-    return (float((S[:r] ** 2).sum()) / energy if energy > 0 else 0.0, float(S[:r].sum()) / nuclear if nuclear > 0 else 0.0)
+    kept_energy = float((S[:r] ** 2).sum()) / energy if energy > 0 else 0.0
+    return kept_energy, float(S[:r].sum()) / nuclear if nuclear > 0 else 0.0
 
 
 def check_output_file(path: Path, flag: str, suffixes: Optional[tuple[str, ...]] = None) -> Path:
