@@ -82,6 +82,26 @@ def cached(
     return svd
 
 
+def cached_spectrum(key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` (a whole spectrum, e.g. ``torch.linalg.svdvals`` of a weight: what ``svfit inspect`` plots), or
+    its stored result under ``key`` when the cache is on and has it."""
+    root = svd_cache_dir()
+    if root is None:
+        return compute()
+    path = root / f"{key}.svdvals.safetensors"
+    try:
+        if path.is_file():
+            return load_file(str(path))["S"]
+    except _READ_ERRORS as exc:
+        warnings.warn(f"ignoring unreadable SVD cache entry {path} ({exc}); recomputing it")
+    S = compute()
+    try:
+        _write_atomic(path, lambda tmp: save_file({"S": S.detach().contiguous().cpu()}, tmp))
+    except OSError as exc:
+        warnings.warn(f"could not write the SVD cache entry {path}: {exc}")
+    return S
+
+
 def _read(path: Path, device: torch.device) -> TruncatedSVD:
     from safetensors import safe_open
 

@@ -85,13 +85,15 @@ def fit(
     on_train_start: Optional[Callable[[nn.Module], None]] = None,
     evaluate: Optional[Callable[[nn.Module], dict]] = None,
     eval_every: Optional[int] = None,
+    report: Optional[Callable[[str], None]] = None,
 ) -> TrainLog:
     """Train ``model`` in place with AdamW, linear warm-up/decay and gradient clipping.
 
     ``epochs`` may be fractional (e.g. 0.5 stops half way through the first epoch). ``on_train_start`` lets a task
     adjust modes after ``model.train()`` (e.g. keep BatchNorm statistics frozen). With ``evaluate`` and
     ``eval_every``, the model is scored every ``eval_every`` steps (and at step 0) into ``log.eval_curve``: the
-    learning curves that show how fast a method adapts.
+    learning curves that show how fast a method adapts. ``report``, when given, receives one plain progress line per
+    logging interval (for logs and pipes, where the progress bar is off).
     """
     accelerator = accelerator or make_accelerator()
     generator = torch.Generator().manual_seed(seed)
@@ -127,7 +129,8 @@ def fit(
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate (--lr)"
+                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate "
+                    f"({_lr_flags(optimizer)})"
                 )
             accelerator.backward(loss)
             if optim.grad_clip:
@@ -159,6 +162,8 @@ def fit(
                 if count_tokens:
                     entry["train total tokens"] = log.tokens
                 log.curve.append(entry)
+                if report is not None and accelerator.is_main_process:
+                    report(_progress_line(entry, total_steps, now - start))
                 window_loss, window_n, window_start = 0.0, 0, now
             if eval_every and (log.steps % eval_every == 0 or log.steps == total_steps):
                 paused = time.perf_counter()
@@ -172,6 +177,17 @@ def fit(
     log.train_time = time.perf_counter() - start
     model.eval()
     return log
+
+
+def _progress_line(entry: dict, total_steps: int, elapsed: float) -> str:
+    return (f"step {entry['step']}/{total_steps}  loss {entry['train loss']:.4f}  "
+            f"{entry['examples / sec']:.1f} examples/s  {elapsed:.0f} s elapsed")
+
+
+def _lr_flags(optimizer) -> str:
+    """The CLI flags of the learning rates in play: a diverging head must not be blamed on --lr alone."""
+    names = {group.get("name") for group in optimizer.param_groups}
+    return " or ".join(flag for flag, name in (("--lr", "adapter"), ("--head-lr", "head")) if name in names) or "--lr"
 
 
 def _batch_size(batch: dict) -> int:
