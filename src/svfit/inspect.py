@@ -79,7 +79,9 @@ def run_spectra(run_dir: Path, model_dir: Optional[str] = None) -> tuple[list[Mo
     from .tasks import get_task
     from .train.results import read_result
     from .train.run import check_adapter_config
+    from .core.fingerprint import Fingerprint
     from .tuner import SVFitConfig, verify_base_weights
+    from .tuner.factorization import shift_unit
 
     run_dir = Path(run_dir)
     result = read_result(run_dir)
@@ -110,7 +112,9 @@ def run_spectra(run_dir: Path, model_dir: Optional[str] = None) -> tuple[list[Mo
         matrix, full = spectra_[key]
         saved_sigma = tensors.get(f"base_model.model.{key}.svfit_sigma")
         sigma = saved_sigma.float() if saved_sigma is not None else full[:r]
-        adapted = adapted_singular_values(vector.float(), sigma, config.parametrization, config.nonneg).float()
+        recorded = Fingerprint.from_json(config.base_fingerprints[key])
+        unit = shift_unit(config, recorded, min(matrix.shape))  # what a unit of the trained vector shifts sigma by
+        adapted = adapted_singular_values(vector.float(), sigma, config.parametrization, config.nonneg, unit).float()
         energy, nuclear = _shares(full, r)
         rows.append(ModuleSpectrum(module=key, shape=tuple(matrix.shape), r=r, trainable=vector.numel(),
                                    energy_kept=energy, nuclear_kept=nuclear, pretrained=full, adapted=adapted))
@@ -118,34 +122,20 @@ def run_spectra(run_dir: Path, model_dir: Optional[str] = None) -> tuple[list[Mo
 
 
 def all_spectra(modules: dict[str, nn.Module], svd_dtype: str = "float32") -> dict[str, tuple[torch.Tensor, ...]]:
-    """{name: (weight matrix, its singular values)}. Each svdvals runs single-threaded, several at a time: on a
-    machine whose cores are busy, one multi-threaded LAPACK call at a time waits on its slowest thread (measured
-    on a loaded 2-core machine: 12x slower than one thread for SmolLM2's q/v projections)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
+    """{name: (weight matrix, its singular values)}. Each svdvals runs single-threaded, several at a time, in the
+    pool the SVD init uses (svfit.core.factorize): on a machine whose cores are busy, one multi-threaded LAPACK call
+    at a time waits on its slowest thread (measured on a loaded 2-core machine: 12x slower than one thread for
+    SmolLM2's q/v projections)."""
+    from .core.factorize import default_workers, single_threaded_pool
+    from .tuner.factorization import weight_matrix
 
     def one(item):
         name, module = item
-        matrix = _weight_matrix(module)
+        matrix = weight_matrix(module).detach()
         return name, (matrix, _spectrum(module, matrix, svd_dtype))
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max(1, min(threads, len(modules)))) as pool:
-            return dict(pool.map(one, modules.items()))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _weight_matrix(module: nn.Module) -> torch.Tensor:
-    """The base weight as the (d_out, d_in) matrix SVFit factors (see the layers' ``_weight_matrix``)."""
-    from transformers.pytorch_utils import Conv1D
-
-    W = module.weight.detach()
-    if isinstance(module, Conv1D):
-        return W.T
-    return W.reshape(W.shape[0], -1) if W.dim() > 2 else W
+    with single_threaded_pool(max(1, min(default_workers(), len(modules)))) as pool:
+        return dict(pool.map(one, modules.items()))
 
 
 def _spectrum(module: nn.Module, matrix: torch.Tensor, svd_dtype: str) -> torch.Tensor:

@@ -314,8 +314,11 @@ SPECIFIC_PARAMS = {
     },
     ("TestMixedAdapterBatches", "test_mixed_adapter_batches_multiple_modules_to_save"): {
         "test_name,config0,config1": lambda: [
-            ("SVFit mixed adapter with modules to save", _svfit(target_modules=["lin0"], modules_to_save=["lin1"]),
-             _svfit(target_modules=["lin0"], modules_to_save=["lin1"])),
+            # pinned to the side branch, as for test_mixed_adapter_batches_mlp: a mixed batch always takes it, the
+            # single-adapter forward a fast path, and upstream compares them at rtol 1e-5 on outputs near zero
+            ("SVFit mixed adapter with modules to save",
+             _svfit(target_modules=["lin0"], modules_to_save=["lin1"], compute_path="reference"),
+             _svfit(target_modules=["lin0"], modules_to_save=["lin1"], compute_path="reference")),
         ],
     },
     ("TestMixedAdapterBatches", "test_mixed_adapter_batches_unsupported_layer_raises"): {
