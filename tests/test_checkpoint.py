@@ -12,6 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import svfit
+from svfit.core.fingerprint import ROW_BYTES
+from svfit.tuner.model import FINGERPRINT_KEY
 from svfit.tuner.layer import SVFitLayer
 
 from cases import CASES
@@ -40,7 +42,7 @@ def test_save_load_round_trip_is_bit_exact(case_name, save_bases, low_cpu_mem_us
     assert torch.equal(case.run(loaded, inputs), expected)
     for (_, a), (_, b) in zip(layers(model), layers(loaded)):
         assert a.svfit_info["default"].r == b.svfit_info["default"].r
-        assert not any(t.device.type == "meta" for t in (*b.svfit_U.values(), *b.svfit_V.values()))
+        assert not any(t.device.type == "meta" for t in (*b.basis_U.values(), *b.basis_V.values()))
 
 
 def test_the_file_holds_only_the_singular_values_by_default(tmp_path):
@@ -48,6 +50,8 @@ def test_the_file_holds_only_the_singular_values_by_default(tmp_path):
     model = trained(case)
     model.save_pretrained(tmp_path / "small")
     tensors = load_file(tmp_path / "small" / ADAPTER_FILE)
+    table = tensors.pop(FINGERPRINT_KEY)  # one row per module: the base weight it was trained on
+    assert table.dtype == torch.uint8 and tuple(table.shape) == (len(tensors), ROW_BYTES)
     assert tensors and all(k.endswith(".svfit_vector") for k in tensors)
     for name, layer in layers(model):
         key = name + ".svfit_vector"
@@ -112,11 +116,40 @@ def test_loading_onto_a_model_without_the_module_fails_clearly(tmp_path):
         PeftModel.from_pretrained(CASES["bert"].build(0), tmp_path)
 
 
-def test_a_lower_precision_copy_of_the_right_base_loads_with_a_warning(tmp_path):
+def test_a_lower_precision_copy_of_the_right_base_is_refused_with_the_fix(tmp_path):
+    """Bases recomputed from bf16-rounded weights move Delta W by percents: refuse, and say how to load instead."""
     case = CASES["llama"]
     trained(case).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="bfloat16/float32 rounding"):
-        PeftModel.from_pretrained(case.build(0).to(torch.bfloat16), tmp_path)
+    copy = case.build(0).to(torch.bfloat16)
+    with pytest.raises(svfit.BaseWeightMismatchError, match=r"float32.*bfloat16.*dtype=torch\.float32.*save_bases=True"):
+        PeftModel.from_pretrained(copy, tmp_path)
+    assert not any(isinstance(m, SVFitLayer) for m in copy.modules())  # refused before anything was touched
+    # the advertised way: load in the training dtype, then cast
+    loaded = PeftModel.from_pretrained(case.build(0), tmp_path).to(torch.bfloat16)
+    assert {p.dtype for n, p in loaded.named_parameters() if "svfit_vector" not in n} == {torch.bfloat16}
+
+
+def test_with_saved_bases_a_lower_precision_copy_loads_the_trained_update(tmp_path):
+    case = CASES["llama"]
+    model = trained(case, save_bases=True)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(case.build(0).to(torch.bfloat16), tmp_path)
+    for (name, a), (_, b) in zip(layers(model), layers(loaded)):
+        assert b.stored_bases("default") == "both"  # the saved bases, not ones recomputed from rounded weights
+        d_a, d_b = a._delta_matrix("default"), b._delta_matrix("default")
+        assert (d_b - d_a).norm() <= 5e-3 * d_a.norm(), name  # bf16 storage of the bases, nothing more
+
+
+def test_a_config_passed_in_does_not_skip_the_base_check(tmp_path):
+    """PeftModel.from_pretrained(..., config=...) never reads adapter_config.json's fingerprints: the weights file
+    carries its own."""
+    case = CASES["bert"]
+    trained(case, r="full").save_pretrained(tmp_path)
+    fresh = svfit.SVFitConfig(target_modules=case.targets, r="full", task_type="SEQ_CLS")
+    with pytest.raises(svfit.BaseWeightMismatchError, match="different base model"):
+        PeftModel.from_pretrained(case.build(seed=7), tmp_path, config=fresh)
+    same = svfit.SVFitConfig(target_modules=case.targets, r="full", task_type="SEQ_CLS")
+    PeftModel.from_pretrained(case.build(0), tmp_path, config=same)  # the right base loads
 
 
 def test_load_adapter_as_second_adapter_and_switch(tmp_path):
@@ -143,7 +176,7 @@ def test_degenerate_spectra_save_their_bases_automatically(tmp_path):
     perturb(model)
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / ADAPTER_FILE)
-    saved_bases = {k.rsplit(".svfit_U", 1)[0] for k in tensors if k.endswith(".svfit_U")}
+    saved_bases = {k.rsplit(".", 1)[0] for k in tensors if k.endswith((".svfit_U", ".svfit_V"))}
     assert saved_bases == {"base_model.model.bert.encoder.layer.0.attention.self.query"}
 
 
@@ -169,12 +202,14 @@ def test_the_file_costs_four_bytes_per_singular_value_plus_a_header(tmp_path):
         tmp_path / "lora"
     )
     tensors = load_file(tmp_path / "svfit" / ADAPTER_FILE)
+    fingerprints = tensors.pop(FINGERPRINT_KEY).numel()
+    assert fingerprints == 4 * ROW_BYTES  # one row per adapted module
     data = sum(t.numel() * t.element_size() for t in tensors.values())
     assert data == 4 * sum(model.peft_config["default"].resolved_ranks.values()) == 4 * 4 * 128
     lora = load_file(tmp_path / "lora" / ADAPTER_FILE)
     assert sum(t.numel() * t.element_size() for t in lora.values()) == 16 * data
-    header = (tmp_path / "svfit" / ADAPTER_FILE).stat().st_size - data
-    assert header < 150 * len(tensors)
+    header = (tmp_path / "svfit" / ADAPTER_FILE).stat().st_size - data - fingerprints
+    assert header < 150 * (len(tensors) + 1)
 
 
 def test_one_config_object_can_adapt_several_models_without_mixing_their_records(tmp_path):
@@ -198,8 +233,8 @@ def test_one_config_object_can_adapt_several_models_without_mixing_their_records
     # ... but trained weights never load into such a re-chosen copy
     with pytest.raises(svfit.BaseWeightMismatchError, match="chosen afresh"):
         PeftModel.from_pretrained(case.build(seed=5), tmp_path, config=first.peft_config["default"])
-    # another dtype of the same weights, or more target modules: the first model's records stay its own
-    with pytest.warns(UserWarning, match="rounding"):
+    # another dtype of the same weights (its SVD differs), or more target modules: the first model's records stay
+    with pytest.warns(UserWarning, match="chooses its ranks afresh"):
         get_peft_model(case.build(seed=0).to(torch.bfloat16), config)
     wider = svfit.SVFitConfig(target_modules=["query", "value"], threshold=0.9)
     get_peft_model(case.build(seed=0), wider)

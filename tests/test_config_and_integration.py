@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -249,7 +250,8 @@ def test_transformers_trainer_trains_only_the_singular_values(tmp_path):
 
 
 def test_loading_without_importing_svfit_fails_with_peft_key_error(tmp_path):
-    """Documents PEFT's limitation (no plug-in discovery): a process must import svfit before loading."""
+    """Documents PEFT's limitation (no plug-in discovery): with the start-up hook turned off (SVFIT_AUTOLOAD=0; see
+    test_autoload.py for the hook), a process must import svfit before loading."""
     model = get_peft_model(*make(CASES["bert"]))
     model.save_pretrained(tmp_path)
     code = (
@@ -257,7 +259,9 @@ def test_loading_without_importing_svfit_fails_with_peft_key_error(tmp_path):
         "try:\n    PeftConfig.from_pretrained(sys.argv[1])\nexcept KeyError as e:\n    print('KeyError', e)\n"
         "import svfit\nprint(type(PeftConfig.from_pretrained(sys.argv[1])).__name__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    env = {**os.environ, "SVFIT_AUTOLOAD": "0"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env=env)
     assert "KeyError 'SVFIT'" in out.stdout and "SVFitConfig" in out.stdout
 
 

@@ -142,6 +142,8 @@ class _MLP(nn.Module):
 
 
 def _adapted(compute_path, dtype=torch.float32, **kw):
+    """Both bases stored unless asked otherwise, so that any forced path applies to both layers."""
+    kw.setdefault("bases", "both")
     model = get_peft_model(_MLP(dtype), SVFitConfig(target_modules=["up", "down"], compute_path=compute_path,
                                                     init_weights=False, **kw))
     return model
@@ -241,7 +243,7 @@ def test_svd_cache_reuses_a_factorisation_and_survives_a_corrupt_entry(tmp_path,
         again = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
         assert len(calls) == 2  # both read from the cache
         for a, b in zip(_svfit_layers(first), _svfit_layers(again)):
-            assert torch.equal(a.svfit_U["default"], b.svfit_U["default"])
+            assert torch.equal(a.dense_bases("default")[0], b.dense_bases("default")[0])
             assert torch.equal(a.svfit_sigma["default"], b.svfit_sigma["default"])
         # another threshold is another entry; a corrupt entry is recomputed, with a warning, and rewritten
         get_peft_model(_MLP(), SVFitConfig(target_modules=["up"], threshold=0.5))
@@ -251,7 +253,8 @@ def test_svd_cache_reuses_a_factorisation_and_survives_a_corrupt_entry(tmp_path,
         with pytest.warns(UserWarning, match="unreadable SVD cache entry"):
             fresh = get_peft_model(_MLP(), SVFitConfig(target_modules=["up", "down"], init_weights=False))
         assert len(calls) == 5
-        torch.testing.assert_close(_svfit_layers(fresh)[0].svfit_U["default"], _svfit_layers(first)[0].svfit_U["default"])
+        torch.testing.assert_close(_svfit_layers(fresh)[0].dense_bases("default")[0],
+                                   _svfit_layers(first)[0].dense_bases("default")[0])
     finally:
         svfit.set_svd_cache(None)
 
@@ -361,11 +364,18 @@ def test_svfit_on_top_of_another_adapter_keeps_that_adapter_on_every_path():
 
 
 def test_a_model_built_under_inference_mode_runs_every_path():
+    """Built and run under inference_mode (no version counters, no autograd): every path gives the reference
+    model's output, and the adapter is not a no-op."""
     x = torch.randn(5, 16)
     with torch.inference_mode():
+        expected = _adapted("reference")(x)
+        base = _MLP()(x)
+        assert not torch.allclose(expected, base, atol=1e-3)
         for path in ("auto", "merged", "input", "output"):
             model = _adapted(path)
-            assert model(x).shape == (5, 16)
+            if path != "auto":
+                assert _svfit_layers(model)[0].compute_path_for(x)[0] == path
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("compute_path", ["auto", "merged"])
@@ -433,7 +443,7 @@ def test_svd_cache_keeps_linear_and_conv1d_with_the_same_bytes_apart(tmp_path):
             model = get_peft_model(Two(), SVFitConfig(target_modules=["lin", "c1d"]))
             for layer in _svfit_layers(model):
                 W = layer._weight_matrix().detach()
-                U, S, V = (layer.svfit_U["default"], layer.svfit_sigma["default"], layer.svfit_V["default"])
+                (U, V), S = layer.dense_bases("default"), layer.svfit_sigma["default"]
                 torch.testing.assert_close(U.T @ W @ V, torch.diag(S), atol=1e-5, rtol=1e-5)
     finally:
         svfit.set_svd_cache(None)

@@ -35,6 +35,11 @@ def perturb(model, scale=0.5, seed=1, adapter="default"):
                 p.add_(scale * sigma * torch.randn(p.shape, generator=g) / unit)  # a shift of ~scale * sigma
 
 
+def stored(layer, adapter="default"):
+    """The bases a layer keeps for an adapter (one or both)."""
+    return [c[adapter] for c in (layer.basis_U, layer.basis_V) if adapter in c]
+
+
 def _sigma_for(model, param_name, adapter):
     layer = model.get_submodule(param_name.rsplit(".svfit_vector", 1)[0])
     return layer.svfit_sigma[adapter].to(layer.svfit_vector[adapter].dtype)
@@ -82,17 +87,17 @@ def test_output_at_init_exact_for_bf16_base(parametrization, autocast, nonneg):
     assert torch.equal(case.run(model, inputs), expected)
     layer = layers(model)[0][1]
     assert layer.svfit_vector["default"].dtype == (torch.float32 if autocast else torch.bfloat16)
-    assert layer.svfit_U["default"].dtype == torch.float32  # bases are never rounded through bf16
+    assert {t.dtype for t in stored(layer)} == {torch.bfloat16}  # bases in the model's dtype by default
 
 
-def test_bases_dtype_base_keeps_bases_in_model_dtype():
+def test_bases_dtype_float32_keeps_float32_bases_on_a_bf16_model():
     case = CASES["llama"]
     base = case.build(0).to(torch.bfloat16)
     inputs = case.make_input()
     expected = case.run(base, inputs)
-    model = get_peft_model(base, svfit.SVFitConfig(target_modules=case.targets, bases_dtype="base"))
+    model = get_peft_model(base, svfit.SVFitConfig(target_modules=case.targets, bases_dtype="float32"))
     layer = layers(model)[0][1]
-    assert layer.svfit_U["default"].dtype == torch.bfloat16
+    assert {t.dtype for t in stored(layer)} == {torch.float32}
     assert layer.svfit_vector["default"].dtype == torch.float32
     assert torch.equal(case.run(model, inputs), expected)
 
@@ -130,7 +135,7 @@ def test_gradients_only_reach_the_singular_values(case_name):
     head = {n for n in trainable if "modules_to_save" in n}
     assert trainable - head and all("svfit_vector.default" in n for n in trainable - head)
     for _, layer in layers(model):
-        for container in (layer.svfit_U, layer.svfit_V, layer.svfit_sigma):
+        for container in (layer.basis_U, layer.basis_V, layer.svfit_sigma):
             assert not any(t.requires_grad for t in container.values())
     case.run(model).float().pow(2).mean().backward()
     for name, p in model.named_parameters():
@@ -164,7 +169,7 @@ def test_delta_weight_lies_in_the_kept_singular_subspaces(case_name):
     model = get_peft_model(base, config)
     perturb(model)
     for name, layer in layers(model):
-        U, V = layer.svfit_U["default"], layer.svfit_V["default"]
+        U, V = layer.dense_bases("default")
         r = U.shape[1]
         assert r == 3
         delta = layer._delta_matrix("default")
@@ -181,10 +186,11 @@ def test_bases_are_the_singular_vectors_of_the_weight_in_its_stored_layout(case_
     """Per layer type (Linear, Conv1D's transposed weight, Conv2d's reshaped kernel, Embedding): U_r^T W0 V_r is
     diag(sigma_r), and the full spectrum rebuilds W0 exactly in the layout the base layer stores it."""
     case = CASES[case_name]
-    base, config = make(case, r="full")
+    base, config = make(case, r="full", bases="both")
     model = get_peft_model(base, config)
     for name, layer in layers(model):
-        U, V, sigma = layer.svfit_U["default"], layer.svfit_V["default"], layer.svfit_sigma["default"]
+        U, V = layer.basis_U["default"], layer.basis_V["default"]
+        sigma = layer.svfit_sigma["default"]
         W = layer._weight_matrix().float()
         torch.testing.assert_close(U.T @ W @ V, torch.diag(sigma), atol=1e-5, rtol=1e-5)
         rebuilt = layer._to_weight_layout(U @ torch.diag(sigma) @ V.T)

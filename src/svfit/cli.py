@@ -10,6 +10,10 @@ from typing import Optional
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from ._extras import require as _require_extras  # noqa: E402
+
+_require_extras("the svfit CLI", "typer", "rich")  # MissingExtraError, printed as one line by svfit.__main__
+
 import typer  # noqa: E402
 
 app = typer.Typer(
@@ -46,10 +50,23 @@ def _guard(fn, *args, **kwargs):
         _fail("interrupted; nothing was written", 130)
     except (UserError, AssetMissingError, BaseWeightMismatchError, OSError, FloatingPointError) as exc:
         _fail(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    except ImportError as exc:
+        from ._extras import extra_for, message
+
+        extra = extra_for(exc)
+        if extra is None or os.environ.get("SVFIT_DEBUG"):
+            raise
+        _fail(message("this command", extra, exc.name.split(".")[0]))
     except (ValueError, KeyError, TypeError) as exc:
         if os.environ.get("SVFIT_DEBUG"):
             raise
         _fail(f"{exc} (set SVFIT_DEBUG=1 for a traceback)")
+
+
+def _on_terminal() -> bool:
+    """Both streams are a terminal: the progress bar (stderr) is seen, and so is everything else. Otherwise (a log
+    file, a pipe, nohup, a notebook cell) progress is printed as plain lines on stdout, next to the results."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def _parse_rank(rank: Optional[str]):
@@ -70,6 +87,12 @@ def _parse_targets(targets: Optional[str]):
     if targets is None:
         return None
     if targets.startswith("re:"):
+        import re
+
+        try:
+            re.compile(targets[3:])
+        except re.error as exc:
+            raise UserError(f"--targets {targets!r} is not a valid regular expression: {exc}") from None
         return targets[3:]
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
@@ -128,7 +151,9 @@ def train(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image tasks: input side in pixels [default: 112]"),
     save_bases: bool = typer.Option(False, "--save-bases", help="svfit: also save U_r, V_r (bigger file, no SVD at load)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory"),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars"),
+    quiet: bool = typer.Option(
+        False, "--quiet", help="No progress (a bar on a terminal; a line per 10 steps in a log or a pipe)"
+    ),
 ):
     """Fine-tune a pre-trained model on a task; print accuracy before and after; save the adapter and result.json.
 
@@ -168,6 +193,7 @@ def train(
             head_init=None if head_init is None else str(head_init), image_size=image_size,
             overwrite=overwrite or out is None,  # the default location is ours to refresh
             progress=not quiet and sys.stderr.isatty(),
+            progress_lines=not quiet and not _on_terminal(),
         )
         _quiet_libraries()
         train_run(config, echo=typer.echo)
@@ -255,28 +281,86 @@ def inspect(
     rank: Optional[str] = typer.Option(None, help="Fixed r or 'full' [default: threshold]"),
     threshold: float = typer.Option(0.99, help="Share of the spectrum to keep"),
     information: str = typer.Option("energy", help="energy | nuclear"),
-    plot: Optional[Path] = typer.Option(None, help="Where to write the spectrum PNG [default: DIR/spectrum.png or ./]"),
+    plot: Optional[Path] = typer.Option(
+        None, help="Where to write the spectrum plot: .png, .pdf or .svg [default: DIR/spectrum.png or ./]"
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON"),
 ):
     """Per-module table (shape, chosen r, share of the spectrum kept, trainable count) and a spectrum plot."""
 
     def body():
-        from .inspect import plot_spectra, spectra
+        from .inspect import PLOT_FORMATS, check_output_file
 
+        is_run = (Path(model_or_dir) / "result.json").is_file()
+        parsed_targets = _parse_targets(targets)
+        parsed_rank = _parse_rank(rank)
+        # every output is checked before any computation, and written only once all of it is ready
+        plot_path = check_output_file(plot or _default_plot(model_or_dir, is_run), "--plot", PLOT_FORMATS)
+        if json_out:
+            check_output_file(json_out, "--json")
         _quiet_libraries()
-        model, title, default_plot, trained = _inspect_target(model_or_dir, targets, rank, threshold, information)
-        rows = spectra(model, trained=trained)
+        rows, title = _inspect_rows(model_or_dir, is_run, parsed_targets, parsed_rank, threshold, information)
         if not rows:
             raise UserError(f"{model_or_dir} has no SVFit modules to inspect (was it trained with --method svfit?)")
         _print_table(rows, title)
-        path = plot_spectra(rows, plot or default_plot, title)
-        typer.echo(f"spectrum plot: {path}")
-        if json_out:
-            from .train.results import write_json
-
-            write_json(json_out, {"title": title, "modules": [_row_json(r) for r in rows]})
+        _write_inspection(rows, title, plot_path, json_out)
+        typer.echo(f"spectrum plot: {plot_path}")
 
     _guard(body)
+
+
+def _default_plot(arg: str, is_run: bool) -> Path:
+    return Path(arg) / "spectrum.png" if is_run else Path(f"spectrum-{Path(arg).name}.png")
+
+
+def _inspect_rows(arg, is_run, targets, rank, threshold, information):
+    """(rows, title) for a run dir (read from its adapter, no SVD), a task name or a model dir (adapted afresh)."""
+    from .inspect import run_spectra, spectra
+
+    if is_run:
+        rows, task = run_spectra(Path(arg))
+        return rows, f"{task.name}: SVFit after fine-tuning"
+    from peft import get_peft_model
+
+    from .tasks import TASK_NAMES, get_task
+    from .tuner import SVFitConfig
+
+    path = Path(arg)
+    config_kwargs = dict(r=rank, threshold=threshold, information=information)
+    if arg in TASK_NAMES:
+        task = get_task(arg)
+        chosen = targets or task.targets
+        chosen = list(chosen) if isinstance(chosen, tuple) else chosen
+        model = get_peft_model(task.load_model(), SVFitConfig(target_modules=chosen, **config_kwargs))
+        return spectra(model, trained=False), f"{task.model_name}: pre-trained spectra"
+    if (path / "config.json").is_file() or (not path.exists() and arg.count("/") == 1):
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(arg)  # a local directory, or a hub id for users with hub access
+        model = get_peft_model(model, SVFitConfig(target_modules=targets, **config_kwargs))
+        return spectra(model, trained=False), f"{path.name}: pre-trained spectra"
+    raise UserError(
+        f"{arg!r} is neither a run directory (with result.json), a task ({', '.join(TASK_NAMES)}), nor a model "
+        "directory (with config.json)"
+    )
+
+
+def _write_inspection(rows, title: str, plot_path: Path, json_out: Optional[Path]) -> None:
+    """The plot and the JSON table together: both files or neither."""
+    from .inspect import save_figure, write_outputs
+
+    writers = [(plot_path, "--plot", lambda tmp: save_figure(rows, tmp, title, plot_path.suffix))]
+    if json_out:
+        from .train.results import _jsonable
+
+        def write_table(tmp: Path) -> None:
+            import json
+
+            table = {"title": title, "modules": [_row_json(r) for r in rows]}
+            tmp.write_text(json.dumps(table, indent=2, default=_jsonable) + "\n")
+
+        writers.append((json_out, "--json", write_table))
+    write_outputs(writers)
 
 
 @app.command()
@@ -304,11 +388,11 @@ def dreambooth(
         False, "--train-text-encoder", help="Also adapt the text encoder's attention (q/k/v/out_proj)"
     ),
     rank: Optional[int] = typer.Option(None, help="lora: rank [default: 4]; svfit: fixed r [default: 0.99 threshold]"),
-    steps: int = typer.Option(200, help="Training steps"),
+    steps: int = typer.Option(300, help="Training steps"),
     lr: Optional[float] = typer.Option(None, help="Learning rate [default: svfit 1e-2, lora 1e-3, full 5e-5]"),
     batch_size: int = typer.Option(4, "--batch-size", help="Instance images per step (as many prior images again)"),
     num_class_images: int = typer.Option(
-        32, "--num-class-images", help="Prior-preservation images the base model generates for --class-prompt"
+        64, "--num-class-images", help="Prior-preservation images the base model generates for --class-prompt"
     ),
     prior_weight: float = typer.Option(1.0, "--prior-weight", help="Weight of the prior-preservation loss"),
     sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps when sampling"),
@@ -344,7 +428,7 @@ def dreambooth(
         diffusers_logging.disable_progress_bar()
         opts = RunOptions(model=model, instance_dir=instance_dir, out=out or Path("runs") / f"dreambooth-{method}",
                           num_samples=num_samples, overwrite=overwrite or out is None,
-                          progress=not quiet and sys.stderr.isatty())
+                          progress=not quiet and sys.stderr.isatty(), progress_lines=not quiet and not _on_terminal())
         _quiet_libraries()
         run_dreambooth(opts, dict(
             instance_prompt=instance_prompt, class_prompt=class_prompt, method=method,
@@ -368,40 +452,6 @@ def list_():
     typer.echo("methods:")
     for name, m in METHODS.items():
         typer.echo(f"  {name:13s} {m.help}")
-
-
-def _inspect_target(arg, targets, rank, threshold, information):
-    """(model with SVFit layers, title, default plot path, trained?) for a run dir, a task name or a model dir."""
-    from peft import get_peft_model
-
-    from .tasks import TASK_NAMES, get_task
-    from .tuner import SVFitConfig
-
-    path = Path(arg)
-    if (path / "result.json").is_file():
-        from .train.run import load_run
-
-        task, model, result = load_run(path)
-        if result["run_info"]["train_config"]["method"] != "svfit":
-            raise UserError(f"{arg} was trained with --method {result['run_info']['train_config']['method']}, not svfit")
-        return model, f"{task.name}: SVFit after fine-tuning", path / "spectrum.png", True
-    config_kwargs = dict(r=_parse_rank(rank), threshold=threshold, information=information)
-    if arg in TASK_NAMES:
-        task = get_task(arg)
-        chosen = _parse_targets(targets) or task.targets
-        chosen = list(chosen) if isinstance(chosen, tuple) else chosen
-        model = get_peft_model(task.load_model(), SVFitConfig(target_modules=chosen, **config_kwargs))
-        return model, f"{task.model_name}: pre-trained spectra", Path(f"spectrum-{arg}.png"), False
-    if (path / "config.json").is_file() or (not path.exists() and arg.count("/") == 1):
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(arg)  # a local directory, or a hub id for users with hub access
-        model = get_peft_model(model, SVFitConfig(target_modules=_parse_targets(targets), **config_kwargs))
-        return model, f"{path.name}: pre-trained spectra", Path(f"spectrum-{path.name}.png"), False
-    raise UserError(
-        f"{arg!r} is neither a run directory (with result.json), a task ({', '.join(TASK_NAMES)}), nor a model "
-        "directory (with config.json)"
-    )
 
 
 def _print_table(rows, title: str) -> None:

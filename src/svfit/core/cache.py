@@ -82,22 +82,47 @@ def cached(
     return svd
 
 
+def cached_spectrum(key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` (a whole spectrum, e.g. ``torch.linalg.svdvals`` of a weight: what ``svfit inspect`` plots), or
+    its stored result under ``key`` when the cache is on and has it."""
+    root = svd_cache_dir()
+    if root is None:
+        return compute()
+    path = root / f"{key}.svdvals.safetensors"
+    try:
+        if path.is_file():
+            return load_file(str(path))["S"]
+    except _READ_ERRORS as exc:
+        warnings.warn(f"ignoring unreadable SVD cache entry {path} ({exc}); recomputing it")
+    S = compute()
+    try:
+        _write_atomic(path, lambda tmp: save_file({"S": S.detach().contiguous().cpu()}, tmp))
+    except OSError as exc:
+        warnings.warn(f"could not write the SVD cache entry {path}: {exc}")
+    return S
+
+
 def _read(path: Path, device: torch.device) -> TruncatedSVD:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["svfit"])
     tensors = load_file(str(path), device=str(device))
+    if "spectrum" not in tensors and meta.get("full_spectrum"):
+        raise KeyError("spectrum")  # an entry written before spectra were stored: recompute it
     return TruncatedSVD(
         U=tensors["U"], S=tensors["S"], V=tensors["V"], n=int(meta["n"]), energy_kept=float(meta["energy_kept"]),
         nuclear_kept=None if meta["nuclear_kept"] is None else float(meta["nuclear_kept"]),
         min_gap=float(meta["min_gap"]),
+        spectrum=tensors["spectrum"].cpu() if "spectrum" in tensors else None,
     )
 
 
 def _write(path: Path, svd: TruncatedSVD) -> None:
-    meta = {"n": svd.n, "energy_kept": svd.energy_kept, "nuclear_kept": svd.nuclear_kept, "min_gap": svd.min_gap}
-    tensors = {k: t.detach().contiguous().cpu() for k, t in (("U", svd.U), ("S", svd.S), ("V", svd.V))}
+    meta = {"n": svd.n, "energy_kept": svd.energy_kept, "nuclear_kept": svd.nuclear_kept, "min_gap": svd.min_gap,
+            "full_spectrum": svd.spectrum is not None}
+    parts = [("U", svd.U), ("S", svd.S), ("V", svd.V)] + ([("spectrum", svd.spectrum)] if svd.spectrum is not None else [])
+    tensors = {k: t.detach().contiguous().cpu() for k, t in parts}
     _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"svfit": json.dumps(meta)}))
 
 

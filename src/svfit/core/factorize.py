@@ -116,7 +116,7 @@ def run_jobs(
         mine = [j for j in jobs if owners[j.name] == report.rank]
     results = _run_local(mine, device, workers, report)
     if group is not None:
-        results = _exchange(jobs, owners, results, report)
+        results = share(jobs, owners, results, report)
     report.factorised = len(mine)
     report.names = [j.name for j in mine]
     report.seconds = time.perf_counter() - started
@@ -219,9 +219,10 @@ def _agreed_group(names: list[str], report: Report):
     return dist.group.WORLD
 
 
-def _exchange(jobs: list[Job], owners: dict[str, int], mine: dict[str, TruncatedSVD], report: Report):
-    """Broadcast every result from its owner. Metadata (shapes, spectrum shares) first, as objects; then one flat
-    tensor per job, on the device the backend communicates from."""
+def share(jobs: Sequence[Job], owners: dict[str, int], mine: dict[str, TruncatedSVD], report: Report):
+    """Broadcast every result from its owner (a collective: every rank calls it with the same jobs and owners, having
+    computed its own share ``mine``). Metadata (shapes, spectrum shares) first, as objects; then one flat tensor per
+    job, on the device the backend communicates from. Fills ``report.per_rank``."""
     import torch.distributed as dist
 
     meta = {name: _meta(svd) for name, svd in mine.items()}
@@ -250,6 +251,7 @@ def _exchange(jobs: list[Job], owners: dict[str, int], mine: dict[str, Truncated
         results[job.name] = TruncatedSVD(
             U=U.reshape(d_out, r).clone(), S=S.clone(), V=V.reshape(d_in, r).clone(), n=m["n"],
             energy_kept=m["energy_kept"], nuclear_kept=m["nuclear_kept"], min_gap=m["min_gap"],
+            spectrum=torch.tensor(m["spectrum"]) if m["spectrum"] is not None else None,
         )
     return results
 
@@ -259,6 +261,7 @@ def _meta(svd: TruncatedSVD) -> dict:
         "d_out": svd.U.shape[0], "d_in": svd.V.shape[0], "r": svd.r, "n": svd.n, "energy_kept": svd.energy_kept,
         "nuclear_kept": svd.nuclear_kept, "min_gap": svd.min_gap, "dtype": str(svd.U.dtype).removeprefix("torch."),
         "numel": svd.U.numel() + svd.S.numel() + svd.V.numel(),
+        "spectrum": svd.spectrum.tolist() if svd.spectrum is not None else None,
     }
 
 

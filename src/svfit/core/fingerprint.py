@@ -123,3 +123,32 @@ def sketch_tolerance(dtype_a: str, dtype_b: str) -> float:
 
 def _round(x: float) -> float:
     return float(f"{x:.{DIGITS}g}")
+
+
+_DTYPE_CODES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "other")
+ROW_BYTES = 16 + 1 + 4 * (1 + SKETCH_PROBES**2)  # hash, dtype, norm and sketch (float32): 85 bytes
+
+
+def to_row(fp: Fingerprint) -> torch.Tensor:
+    """A fingerprint as ``ROW_BYTES`` uint8 values (the shape is known from the module it describes), so that an
+    adapter file can carry one table of them and every load path can check the base, whatever config it is handed."""
+    if len(fp.sketch) != SKETCH_PROBES**2:
+        raise ValueError(f"cannot encode fingerprint {fp.describe()}")
+    dtype = fp.dtype if fp.dtype in _DTYPE_CODES else "other"
+    return torch.cat([
+        torch.frombuffer(bytearray(bytes.fromhex(fp.hash)), dtype=torch.uint8),
+        torch.tensor([_DTYPE_CODES.index(dtype)], dtype=torch.uint8),
+        torch.tensor([fp.fro, *fp.sketch], dtype=torch.float32).view(torch.uint8),
+    ])
+
+
+def from_row(row: torch.Tensor, shape: tuple[int, ...]) -> Fingerprint:
+    """Inverse of ``to_row`` for a weight of ``shape``; a malformed row raises ValueError."""
+    raw = row.detach().cpu().to(torch.uint8).reshape(-1)
+    if raw.numel() != ROW_BYTES:
+        raise ValueError(f"malformed base-weight fingerprint in the adapter file ({raw.numel()} bytes, not {ROW_BYTES})")
+    floats = raw[17:].clone().view(torch.float32).tolist()
+    return Fingerprint(
+        hash=bytes(raw[:16].tolist()).hex(), shape=tuple(shape),
+        dtype=_DTYPE_CODES[min(int(raw[16]), len(_DTYPE_CODES) - 1)], fro=floats[0], sketch=tuple(floats[1:]),
+    )

@@ -14,6 +14,11 @@ keeps 50-80% of the spectrum) is more than the base matmul itself. Three exact r
             y = base(x + ((x V_r) * c/sigma) V_r^T): 4 T r d_in flops in all, the base layer runs untouched.
 ``output``  the same with U_r: y = base(x) + ((y0 U_r) * c/sigma) U_r^T, y0 = base(x) - b: 4 T r d_out.
 
+**One stored basis.** The identity also means a layer need *store* only one basis, that of its smaller side (half
+the memory or less): ``input`` needs V_r, ``output`` needs U_r, and ``merged`` and the side branch compute the
+missing one as W0 V_r (or W0^T U_r) on the fly, scaling by c / sigma_r (``one_basis_branch``). Functions here take
+``U=None`` or ``V=None`` for that storage.
+
 The one-basis forms divide by sigma_r, so they are used only when the kept spectrum is well conditioned
 (``ONE_BASIS_MIN_RATIO``); they win when there are few tokens (generation, small batches), ``merged`` when T is large
 (training). Every path is exactly the base layer when c = 0 (bit for bit: the update is an exact zero), and agrees
@@ -39,26 +44,38 @@ ONE_BASIS_MIN_RATIO = 1e-3
 
 
 def path_costs(
-    tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True
+    tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True,
+    stored: str = "both",
 ) -> dict[str, float]:
     """Extra flops (beyond the base layer's own matmuls) of each path for one call, forward plus backward when
-    ``training``. Multiply-adds counted once; elementwise work ignored (it is O(T r) everywhere)."""
+    ``training``. Multiply-adds counted once; elementwise work ignored (it is O(T r) everywhere). ``stored`` is
+    which bases the layer keeps ("both", "U" or "V"): with one, only its one-basis path is offered, and merged and
+    the side branch pay for forming the other from W0."""
     T = tokens
+    rebuild = r * d_in * d_out if stored != "both" else 0  # W0 V_r or W0^T U_r, per formation of the delta
     if training:
         costs = {
             # forward both projections; backward g U_r, and (g U_r * c) V_r^T when the input needs a gradient
             "reference": T * r * (d_in + d_out) + T * r * d_out + (T * r * d_in if input_grad else 0),
-            "merged": r * d_in * d_out * (2 if input_grad else 1) + merged_sigma_grad_cost(T, d_in, d_out, r)[1],
+            "merged": (r * d_in * d_out + rebuild) * (2 if input_grad else 1) + merged_sigma_grad_cost(T, d_in, d_out, r)[1],
         }
+        if stored != "both":  # the side branch through W0: one more full matmul forward and backward
+            costs["reference"] = 2 * T * r * (d_in if stored == "V" else d_out) * 2 + 2 * T * d_in * d_out
         if one_basis:
             # input: the base must backprop into x' for the sigma gradient even when x itself needs none
             costs["input"] = 2 * T * r * d_in + T * r * d_in + (T * r * d_in if input_grad else T * d_in * d_out)
             costs["output"] = 2 * T * r * d_out + T * r * d_out + (T * r * d_out if input_grad else 0)
     else:
-        costs = {"reference": T * r * (d_in + d_out), "merged": r * d_in * d_out}
+        costs = {"reference": T * r * (d_in + d_out), "merged": r * d_in * d_out + rebuild}
+        if stored != "both":
+            costs["reference"] = 2 * T * r * (d_in if stored == "V" else d_out) + T * d_in * d_out
         if one_basis:
             costs["input"] = 2 * T * r * d_in
             costs["output"] = 2 * T * r * d_out
+    if stored == "V":
+        costs.pop("output", None)
+    elif stored == "U":
+        costs.pop("input", None)
     return {k: float(v) for k, v in costs.items()}
 
 
@@ -72,11 +89,12 @@ def merged_sigma_grad_cost(tokens: int, d_in: int, d_out: int, r: int) -> tuple[
 
 def choose_path(
     tokens: int, d_in: int, d_out: int, r: int, *, training: bool, input_grad: bool = True, one_basis: bool = True,
-    allowed: Optional[set] = None,
+    allowed: Optional[set] = None, stored: str = "both",
 ) -> str:
     """The cheapest path by ``path_costs`` among ``allowed`` (default: all; ``reference`` always is), ties going to
     the earlier of reference, merged, input, output."""
-    costs = path_costs(tokens, d_in, d_out, r, training=training, input_grad=input_grad, one_basis=one_basis)
+    costs = path_costs(tokens, d_in, d_out, r, training=training, input_grad=input_grad, one_basis=one_basis,
+                       stored=stored)
     if allowed is not None:
         costs = {k: v for k, v in costs.items() if k in allowed or k == "reference"}
     return min(costs, key=costs.get)
@@ -102,8 +120,22 @@ def _delta(U: torch.Tensor, c: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         return (U * c.to(U.dtype)) @ V.T
 
 
+def _full_bases(weight: torch.Tensor, U, V, transposed: bool = False):
+    """(U, V) with a missing basis formed from W0: W0 V_r = U_r diag(sigma_r), so with c already divided by sigma_r
+    (a relative shift) U diag(c) V^T is the same delta. ``weight`` is in its stored layout."""
+    if U is not None and V is not None:
+        return U, V
+    with _no_autocast(weight.device.type):
+        W = weight.reshape(weight.shape[0], -1)
+        W = W.T if transposed else W  # (d_out, d_in)
+        basis = V if U is None else U
+        W = W.detach().to(basis.dtype)
+        return (W @ V, V) if U is None else (U, W.T @ U)
+
+
 def _merged_weight(weight: torch.Tensor, U, c, V, transposed: bool = False) -> torch.Tensor:
     """W0 + U diag(c) V^T in the weight's stored layout: transposed for Conv1D, the kernel's shape for a conv."""
+    U, V = _full_bases(weight, U, V, transposed)
     delta = _delta(U, c, V)
     return weight + (delta.T if transposed else delta.reshape(weight.shape)).to(weight.dtype)
 
@@ -134,7 +166,8 @@ class MergedLinear(Function):
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         if ctx.needs_input_grad[1] and sigma_grad == "tokens":
             with _no_autocast(x.device.type):
-                saved = x.reshape(-1, x.shape[-1]).to(V.dtype) @ V  # (T, r): only this is needed of x
+                Vf = _full_bases(weight, U, V, transposed)[1]
+                saved = x.reshape(-1, x.shape[-1]).to(Vf.dtype) @ Vf  # (T, r): only this is needed of x
         else:
             saved = x if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(saved, c, weight, U, V)
@@ -154,11 +187,12 @@ class MergedLinear(Function):
                 del W  # not alive next to the weight gradient below
                 grad_x = gx.reshape(*ctx.x_shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
+                Uf, Vf = _full_bases(weight, U, V, ctx.transposed)
                 if ctx.sigma_grad == "tokens":
-                    grad_c = (saved.float() * (g2.to(U.dtype) @ U).float()).sum(0)
+                    grad_c = (saved.float() * (g2.to(Uf.dtype) @ Uf).float()).sum(0)
                 else:
                     x2 = saved.reshape(-1, saved.shape[-1])
-                    grad_c = _sigma_grad_from_weight_grad(g2.T @ x2.to(g2.dtype), U, V)  # from the weight gradient
+                    grad_c = _sigma_grad_from_weight_grad(g2.T @ x2.to(g2.dtype), Uf, Vf)  # from the weight gradient
                 grad_c = grad_c.to(c.dtype)
             if ctx.needs_input_grad[3]:
                 grad_bias = g2.sum(0)
@@ -167,10 +201,12 @@ class MergedLinear(Function):
 
 def merged_linear(x, c, weight, bias, U, V, *, transposed: bool = False, sigma_grad: Optional[str] = None):
     """The ``merged`` path. ``weight`` is the base weight in its stored layout ((d_in, d_out) when ``transposed``,
-    i.e. transformers' Conv1D); it is read, never written. ``sigma_grad`` forces "weight" or "tokens"."""
+    i.e. transformers' Conv1D); it is read, never written. ``sigma_grad`` forces "weight" or "tokens". With one
+    basis (``U`` or ``V`` None), ``c`` is the relative shift c / sigma_r (see ``_full_bases``)."""
     if sigma_grad is None:
-        d_out, d_in = U.shape[0], V.shape[0]
-        sigma_grad = merged_sigma_grad_cost(x.numel() // max(d_in, 1), d_in, d_out, U.shape[1])[0]
+        d_in, d_out = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
+        r = (V if V is not None else U).shape[1]
+        sigma_grad = merged_sigma_grad_cost(x.numel() // max(d_in, 1), d_in, d_out, r)[0]
     return MergedLinear.apply(x, c, weight, bias, U, V, transposed, sigma_grad)
 
 
@@ -263,6 +299,23 @@ def project_input(x: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Te
 def project_output(y: torch.Tensor, s: torch.Tensor, U: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """y + (((y - b) U) * s) U^T on the base layer's output y (``output`` path; s = c / sigma)."""
     return _Project.apply(y, s, U, bias)
+
+
+def one_basis_branch(
+    x: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, U: Optional[torch.Tensor], V: Optional[torch.Tensor],
+    transposed: bool = False,
+) -> torch.Tensor:
+    """Delta W x through the one stored basis and W0 (``s`` = c / sigma_r): (((x V) * s) V^T) W0^T, or
+    (((x W0^T) U) * s) U^T. W0 is detached: the adapter's update must not send gradient into the base weight,
+    exactly as with two stored bases."""
+    W = weight.detach()
+    W = W.T if transposed else W  # (d_out, d_in)
+    if V is not None:
+        h = x.to(V.dtype) @ V
+        return ((h * s).to(V.dtype) @ V.T).to(W.dtype) @ W.T
+    y0 = x.to(W.dtype) @ W.T
+    h = y0.to(U.dtype) @ U
+    return (h * s).to(U.dtype) @ U.T
 
 
 def reference_branch(x: torch.Tensor, c: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

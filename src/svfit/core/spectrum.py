@@ -37,6 +37,7 @@ class TruncatedSVD:
     energy_kept: float  # sum of kept sigma^2 / ||W||_F^2
     nuclear_kept: float | None  # sum of kept sigma / ||W||_* (None if the full spectrum was not computed)
     min_gap: float  # smallest gap sigma_i - sigma_{i+1} around the kept block, relative to sigma_1
+    spectrum: torch.Tensor | None = None  # the whole spectrum (CPU), when the SVD computed it: see svfit.core.drift
 
     @property
     def r(self) -> int:
@@ -182,6 +183,7 @@ def _truncate(U, S, V, r: int, n: int, fro2: float, *, full_spectrum: bool) -> T
         energy_kept=energy_kept,
         nuclear_kept=nuclear_kept,
         min_gap=min_gap,
+        spectrum=S.detach().float().cpu().clone() if full_spectrum else None,
     )
 
 

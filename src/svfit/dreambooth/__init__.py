@@ -11,6 +11,10 @@
 The command line is ``svfit dreambooth``; the benchmark is ``python -m benchmarks run --only dreambooth``.
 """
 
+from .._extras import require
+
+require("svfit.dreambooth", "diffusers")
+
 from .pipeline import TextToImage, check_pipeline_dir, load_pipeline
 from .sampling import sample, save_grid
 from .train import DreamBoothConfig, finetune, load_trained, peft_config

@@ -191,7 +191,7 @@ def load_image_as_fashion_mnist(path: str) -> np.ndarray:
         img = Image.open(p).convert("L").resize((28, 28))
     except UnidentifiedImageError as exc:
         raise ValueError(f"not an image file PIL can read: {path}") from exc
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on PIL's read-only buffer
     if arr.mean() > 127:  # photos of products are usually dark on light: invert to Fashion-MNIST's convention
         arr = 255 - arr
     return arr

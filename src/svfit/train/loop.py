@@ -116,6 +116,7 @@ def fit(
     eval_every: Optional[int] = None,
     max_steps: Optional[int] = None,
     lengths: Optional[Sequence[int]] = None,
+    report: Optional[Callable[[str], None]] = None,
 ) -> TrainLog:
     """Train ``model`` in place with AdamW, linear warm-up/decay and gradient clipping.
 
@@ -124,7 +125,8 @@ def fit(
     ``eval_every``, the model is scored every ``eval_every`` steps (and at step 0) into ``log.eval_curve``: the
     learning curves that show how fast a method adapts. ``max_steps`` fixes the number of optimizer steps instead
     of ``epochs`` (the data repeats as needed). ``lengths`` (one per example, e.g. token counts) batches examples of
-    similar length together (:class:`LengthGroupedBatches`), which removes most of the padding.
+    similar length together (:class:`LengthGroupedBatches`), which removes most of the padding. ``report``, when
+    given, receives one plain progress line per logging interval (for logs and pipes, where the progress bar is off).
     """
     accelerator = accelerator or make_accelerator()
     if lengths is not None:
@@ -164,7 +166,8 @@ def fit(
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate (--lr)"
+                    f"training diverged at step {log.steps} (loss={loss.item()}); lower the learning rate "
+                    f"({_lr_flags(optimizer)})"
                 )
             accelerator.backward(loss)
             if optim.grad_clip:
@@ -196,6 +199,8 @@ def fit(
                 if count_tokens:
                     entry["train total tokens"] = log.tokens
                 log.curve.append(entry)
+                if report is not None and accelerator.is_main_process:
+                    report(_progress_line(entry, total_steps, now - start))
                 window_loss, window_n, window_start = 0.0, 0, now
             if eval_every and (log.steps % eval_every == 0 or log.steps == total_steps):
                 paused = time.perf_counter()
@@ -209,6 +214,17 @@ def fit(
     log.train_time = time.perf_counter() - start
     model.eval()
     return log
+
+
+def _progress_line(entry: dict, total_steps: int, elapsed: float) -> str:
+    return (f"step {entry['step']}/{total_steps}  loss {entry['train loss']:.4f}  "
+            f"{entry['examples / sec']:.1f} examples/s  {elapsed:.0f} s elapsed")
+
+
+def _lr_flags(optimizer) -> str:
+    """The CLI flags of the learning rates in play: a diverging head must not be blamed on --lr alone."""
+    names = {group.get("name") for group in optimizer.param_groups}
+    return " or ".join(flag for flag, name in (("--lr", "adapter"), ("--head-lr", "head")) if name in names) or "--lr"
 
 
 def _batch_size(batch: dict) -> int:

@@ -4,6 +4,7 @@ environment facts every reported number needs: package versions and the machine 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import importlib.metadata as md
 import json
 import os
@@ -182,7 +183,14 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     os.chmod(stage, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the run dir the mode mkdir would have
     try:
-        yield stage
+        try:
+            yield stage
+        except Exception as exc:
+            reason = _write_failure(exc)
+            if reason is None:
+                raise
+            raise OSError(f"cannot write {out_dir}: {reason}; nothing was written (free some space or choose "
+                          "another --out)") from exc
         if out_dir.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, backup / "old")
@@ -199,6 +207,22 @@ def staged_directory(out_dir: Path) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+# errors that mean "the disk refused the bytes", not "the program is wrong"
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def _write_failure(exc: BaseException):
+    """The reason a write failed, when ``exc`` is a full / read-only / failing disk (also as safetensors reports it:
+    "Error while serializing: I/O error: No space left on device (os error 28)"); None for any other error."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return exc.strerror or os.strerror(exc.errno)
+    from safetensors import SafetensorError
+
+    if isinstance(exc, SafetensorError) and "I/O error: " in str(exc):
+        return str(exc).split("I/O error: ", 1)[1].split(" (os error")[0].strip()
+    return None
 
 
 def _jsonable(obj):

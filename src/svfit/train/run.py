@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from ..errors import SVFitUserError
 from ..methods import MethodOptions, get_method
 from ..tasks import get_task
+from ..validation import check_choice, check_number, check_optimizer
 from .loop import OptimConfig, fit, make_accelerator
 from .results import RESULT_FILE, check_writable, meta_info, now_iso, peak_memory, read_result, staged_directory, write_json
 
@@ -47,7 +48,8 @@ class RunConfig:
     image_size: Optional[int] = None  # image tasks: input side in pixels; None: the task's default
     options: MethodOptions = field(default_factory=MethodOptions)
     overwrite: bool = False
-    progress: bool = True
+    progress: bool = True  # progress bars (for a terminal)
+    progress_lines: bool = False  # a plain line per logging interval instead (for logs and pipes)
 
     def resolved(self) -> "RunConfig":
         """Fill every None with the task's default, so result.json records the values actually used."""
@@ -79,6 +81,7 @@ class RunConfig:
             options=self.options,
             overwrite=self.overwrite,
             progress=self.progress,
+            progress_lines=self.progress_lines,
         )
 
     @property
@@ -89,8 +92,28 @@ class RunConfig:
         d = asdict(self)
         d["out"] = str(self.out)
         d.pop("progress")
+        d.pop("progress_lines")
         d.pop("overwrite")
         return d
+
+
+def check_settings(config: RunConfig) -> None:
+    """Every setting that can be judged without the model or the data, so that a bad one fails at once with one
+    line naming its flag (not minutes later, or as a "diverged" run that blames another flag)."""
+    check_optimizer(config.lr, config.weight_decay, head_lr=config.head_lr, epochs=config.epochs)
+    check_number("--batch-size", config.batch_size, minimum=1)
+    if config.method == "svfit":
+        from ..core.parametrization import PARAMETRIZATIONS
+        from ..core.spectrum import INFORMATION_MEASURES
+
+        options = config.options
+        check_choice("--parametrization", options.parametrization, PARAMETRIZATIONS)
+        check_choice("--information", options.information, INFORMATION_MEASURES)
+        if not 0.0 < options.threshold <= 1.0:  # NaN included
+            raise SVFitUserError(
+                f"--threshold must lie in (0, 1], got {options.threshold} (0.99 keeps 99% of the spectrum)"
+            )
+    _check_parametrization_settings(config)
 
 
 def _check_parametrization_settings(config: RunConfig) -> None:
@@ -114,7 +137,9 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     """Train, score and save one run. Under `accelerate launch` / `torchrun` every process trains its shard of each
     batch; the main process alone scores and writes (the others return None)."""
     started = time.perf_counter()
-    _check_parametrization_settings(config)
+    get_task(config.task, config.model)  # unknown names first
+    get_method(config.method)
+    check_settings(config)
     cfg = config.resolved()
     check_writable(cfg.out, cfg.overwrite)
     accelerator = make_accelerator()
@@ -128,9 +153,6 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         echo = _silent
         cfg.progress = False
     task, method = get_task(cfg.task, cfg.model), get_method(cfg.method)
-    for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr), ("head-lr", cfg.head_lr), ("batch-size", cfg.batch_size)):
-        if value is not None and value <= 0:
-            raise SVFitUserError(f"--{name} must be positive, got {value}")
 
     if cfg.steps is not None and cfg.steps < 1:
         raise SVFitUserError(f"--steps must be >= 1, got {cfg.steps}")
@@ -180,6 +202,7 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
         eval_every=cfg.eval_every,
         max_steps=cfg.steps,
         lengths=[task.example_length(e) for e in train_set] if cfg.bucket_by_length else None,
+        report=echo if cfg.progress_lines else None,
     )
     # Data-parallel replicas must end identical; record each process's checksum of the trained parameters.
     checksums = gather_object([_trained_checksum(model)])
@@ -192,13 +215,52 @@ def train_run(config: RunConfig, echo: Callable[[str], None] = print) -> Optiona
     after = task.evaluate(model, eval_set, task.defaults.eval_batch_size, progress=cfg.progress)
     eval_time = time.perf_counter() - eval_start
     echo(f"after fine-tuning:  accuracy {after['accuracy']:.4f}  loss {after['loss']:.4f}  ({log.train_time:.0f} s training)")
+    doubts = doubtful_outcome(model, before, after, cfg.lr)
+    for line in doubts:
+        echo(f"warning: {line}")
 
     with staged_directory(cfg.out) as stage:
         weights = method.save(model, stage)
         result = _result(cfg, task, model, log, before, after, eval_time, weights, n_trainable, n_head, n_total, started)
+        result["train_info"]["warnings"] = doubts
         write_json(stage / RESULT_FILE, result)
     echo(f"saved {cfg.out}/ ({weights.relative_to(stage)}: {result['train_info']['file_size']:,} bytes)")
     return result
+
+
+def doubtful_outcome(model: torch.nn.Module, before: dict, after: dict, lr: float) -> list[str]:
+    """One line per sign that training went wrong, for the user to see before trusting the run: kept singular
+    values pushed through zero (an SVFit step far larger than the spectrum), or a held-out loss that ended above the
+    pre-trained model's."""
+    from ..core.parametrization import adapted_singular_values
+    from ..tuner.layer import SVFitLayer
+
+    lines = []
+    flipped = kept = 0
+    worst = 0.0
+    for layer in model.modules():
+        if not isinstance(layer, SVFitLayer):
+            continue
+        for name, vector in layer.svfit_vector.items():
+            sigma = layer.svfit_sigma[name].float()
+            new = adapted_singular_values(vector.detach().float(), sigma, layer.svfit_parametrization[name],
+                                          layer.svfit_nonneg[name]).to(sigma.device)
+            positive = sigma > 0
+            flipped += int((new[positive] < 0).sum())
+            kept += int(sigma.numel())
+            if bool(positive.any()):
+                worst = max(worst, float(((new - sigma).abs()[positive] / sigma[positive]).max()))
+    if flipped:
+        lines.append(
+            f"{flipped:,} of {kept:,} kept singular values changed sign during training (the largest moved by "
+            f"{100 * worst:,.0f}% of its pre-trained value): --lr {lr:g} is probably too high for this run"
+        )
+    if after["loss"] > before["loss"]:
+        lines.append(
+            f"the held-out loss ended above where it started ({before['loss']:.4f} -> {after['loss']:.4f}): the "
+            f"run did not fit; try a lower --lr (now {lr:g}) or more data / epochs"
+        )
+    return lines
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -270,6 +332,7 @@ def load_run(run_dir: Path):
     weights = method.weights_path(run_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the run directory is incomplete; re-run `svfit train`")
+    check_adapter_config(weights)
     torch.manual_seed(tc["seed"])
     base = task.load_model()
     try:
@@ -282,6 +345,20 @@ def load_run(run_dir: Path):
             f"cannot load {weights}: {exc}. The file is corrupt or from another model; re-run `svfit train`"
         ) from exc
     return task, model, result
+
+
+def check_adapter_config(weights: Path) -> None:
+    """An adapter's config must parse before the base model loads; a broken one is named as such (PEFT's own error
+    would be taken for a broken weights file)."""
+    config = weights.with_name("adapter_config.json")
+    if weights.name != "adapter_model.safetensors":  # full fine-tuning: no adapter config
+        return
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config} is missing: the run directory is incomplete; re-run `svfit train`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot load {config}: the file is corrupt ({exc}); re-run `svfit train`") from None
 
 
 def eval_run(run_dir: Path, progress: bool = True) -> tuple[dict, dict]:

@@ -21,3 +21,5 @@ __all__ = [
     "summarize",
     "verify_base_weights",
 ]
+
+register()  # importing the tuner (directly, via ``import svfit``, or when peft loads after svfit) registers it

@@ -4,7 +4,9 @@ run in parallel, on the accelerator, or shared between ranks, instead of one aft
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,6 +18,7 @@ from ..core import cache as svd_cache
 from ..core.factorize import Job, Report, run_jobs
 from ..core.fingerprint import Fingerprint, fingerprint
 from ..core.spectrum import SVD_DTYPES, TruncatedSVD, thin_svd
+from .guards import is_dtensor
 
 
 @dataclass
@@ -63,22 +66,83 @@ def factorize_modules(
     modules: dict[str, tuple[nn.Module, object]], config, layer_type: dict[str, str]
 ) -> tuple[dict[str, Factorization], Report]:
     """Fingerprint and factorise every ``{name: (base_module, rank_spec)}`` in one batch."""
+    if any(is_sharded(base.weight) for base, _ in modules.values()):
+        return _factorize_sharded(modules, config, layer_type)
     device = svd_device(config)
     fps = _fingerprints({name: base.weight for name, (base, _) in modules.items()})
     jobs = [
-        _job(name, base, rank_spec, config, fps[name], layer_type[name], device)
+        _job(name, weight_matrix(base), isinstance(base, Conv1D), rank_spec, config, fps[name], layer_type[name],
+             device)
         for name, (base, rank_spec) in modules.items()
     ]
     results, report = run_jobs(jobs, device=device, split=config.svd_split)
+    return _on_weight_devices(modules, fps, results), report
+
+
+def _factorize_sharded(modules, config, layer_type) -> tuple[dict[str, Factorization], Report]:
+    """Weights sharded by FSDP2 (DTensor) or DeepSpeed ZeRO-3: every rank must take part in gathering each one, so
+    they are gathered one at a time in the same order everywhere; each rank keeps only the whole weights whose SVD
+    it owns (dealt by cost), factorises them, and the owners broadcast the results."""
+    import torch.distributed as dist
+
+    from ..core.factorize import deal, share
+
+    device = svd_device(config)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shapes = {name: weight_matrix_shape(base) for name, (base, _) in modules.items()}
+    costs = [Job(name, float(m) * n * min(m, n), None) for name, (m, n) in shapes.items()]
+    owners = deal(costs, world)
+    fps, jobs = {}, []
+    for name, (base, rank_spec) in modules.items():  # the same order on every rank: each gather is a collective
+        with gathered(base.weight) as full:
+            fps[name] = fingerprint(full)
+            if owners[name] == rank:
+                W = full.detach().clone()
+                W = W.T if isinstance(base, Conv1D) else W.reshape(W.shape[0], -1)
+                jobs.append(_job(name, W, isinstance(base, Conv1D), rank_spec, config, fps[name], layer_type[name],
+                                 device))
+    mine, report = run_jobs(jobs, device=device, split=False)
+    report.rank, report.world_size, report.jobs = rank, world, len(modules)
+    results = share(costs, owners, mine, report)
+    return _on_weight_devices(modules, fps, results), report
+
+
+def _on_weight_devices(modules, fps, results) -> dict[str, Factorization]:
     out = {}
     for name, (base, _) in modules.items():
         svd = results[name]
         target = base.weight.device
         if svd.U.device != target:  # computed on the accelerator, or received from another rank
-            svd = TruncatedSVD(svd.U.to(target), svd.S.to(target), svd.V.to(target), svd.n, svd.energy_kept,
-                               svd.nuclear_kept, svd.min_gap)
+            svd = dataclasses.replace(svd, U=svd.U.to(target), S=svd.S.to(target), V=svd.V.to(target))
         out[name] = Factorization(fps[name], svd)
-    return out, report
+    return out
+
+
+def is_sharded(weight) -> bool:
+    """An FSDP2 / tensor-parallel DTensor or a DeepSpeed ZeRO-3 partition: the weight is not whole on this rank."""
+    return is_dtensor(weight) or hasattr(weight, "ds_id")
+
+
+@contextmanager
+def gathered(weight: torch.Tensor):
+    """The whole weight, for the length of the block (a collective for sharded weights: every rank must enter)."""
+    if is_dtensor(weight):
+        yield weight.full_tensor().detach()
+    elif hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3, gathered as PEFT gathers around its SVD inits (untested here)
+        from peft.utils.integrations import gather_params_ctx
+
+        with gather_params_ctx(weight):
+            yield weight.detach()
+    else:
+        yield weight.detach()
+
+
+def weight_matrix_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of the matrix SVFit factors, from the weight's global shape (also for a sharded weight)."""
+    shape = tuple(base.weight.shape)
+    if isinstance(base, Conv1D):
+        return shape[1], shape[0]
+    return shape[0], int(math.prod(shape[1:]))
 
 
 def _settings(config) -> dict:
@@ -88,24 +152,23 @@ def _settings(config) -> dict:
     )
 
 
-def cache_key(fp: Fingerprint, base: nn.Module, config, layer_type: str, device: Optional[torch.device], rank) -> str:
+def cache_key(fp: Fingerprint, shape, transposed: bool, config, layer_type: str, where: str, rank) -> str:
     """The SVD cache's name for this factorisation: the stored weight's bytes, how they were laid out as a matrix
     (Conv1D factors the transpose of the same bytes an nn.Linear would), the rank and SVD settings, and the kind of
     device the SVD ran on (another LAPACK gives other bits)."""
-    W = weight_matrix(base)
-    where = device.type if device is not None else W.device.type
     return svd_cache.cache_key(
-        fp.hash, rank=rank, information=config.information, layer=layer_type, transposed=isinstance(base, Conv1D),
-        matrix=list(W.shape), where=where, **_settings(config),
+        fp.hash, rank=rank, information=config.information, layer=layer_type, transposed=transposed,
+        matrix=list(shape), where=where, **_settings(config),
     )
 
 
-def _job(name, base, rank_spec, config, fp: Fingerprint, layer_type: str, device) -> Job:
-    W = weight_matrix(base)
+def _job(name, W, transposed: bool, rank_spec, config, fp: Fingerprint, layer_type: str, device) -> Job:
+    """Factorise the (d_out, d_in) matrix ``W`` (through the SVD cache when it is on)."""
     exact = config.svd == "full" or rank_spec == "full"
+    where = device.type if device is not None else W.device.type
 
     def key(rank):
-        return cache_key(fp, base, config, layer_type, device, rank)
+        return cache_key(fp, W.shape, transposed, config, layer_type, where, rank)
 
     def run(run_device):
         compute = lambda: thin_svd(W, rank_spec, config.information, device=run_device, **_settings(config))  # noqa: E731

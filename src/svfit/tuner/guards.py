@@ -8,6 +8,10 @@ import torch
 from torch import nn
 
 
+class BaseWeightMismatchError(ValueError):
+    """An SVFit adapter is being loaded onto base weights other than those it was trained on."""
+
+
 # Modules from these packages hold quantized weights that an SVD must not see.
 _QUANTIZED_MODULE_PREFIXES = (
     "bitsandbytes",
@@ -34,19 +38,13 @@ def check_supported_weight(module: nn.Module, name: str = "") -> None:
     where = f"'{name}'" if name else type(module).__name__
     cls = type(module)
     weight = getattr(module, "weight", None)
-    if weight is not None and (is_dtensor(weight) or hasattr(weight, "ds_id")):
-        kind = "an FSDP2/tensor-parallel DTensor" if is_dtensor(weight) else "a DeepSpeed ZeRO-3 partition"
-        raise TypeError(
-            f"SVFit cannot adapt {where}: its weight is already sharded ({kind}). The SVD needs the whole weight, "
-            "and the trained singular values must be sharded and reduced by the same engine as the rest: apply "
-            "get_peft_model first, then shard (fully_shard / accelerate.prepare / deepspeed.initialize)."
-        )
     reason = None
     if cls.__module__.startswith(_QUANTIZED_MODULE_PREFIXES):
         reason = f"it is a {cls.__module__}.{cls.__name__} layer"
     elif any(hasattr(module, a) for a in _QUANTIZED_ATTRIBUTES):
         reason = f"it carries quantization state ({', '.join(a for a in _QUANTIZED_ATTRIBUTES if hasattr(module, a))})"
-    elif weight is not None and type(weight) not in (torch.Tensor, nn.Parameter):
+    elif weight is not None and type(weight) not in (torch.Tensor, nn.Parameter) and not is_dtensor(weight):
+        # (a DTensor is a sharded plain weight: gathered for the SVD, svfit.tuner.factorization.gathered)
         reason = f"its weight is a {type(weight).__module__}.{type(weight).__name__}, not a plain tensor"
     elif weight is not None and not weight.is_floating_point():
         reason = f"its weight is stored as {weight.dtype}"
@@ -71,7 +69,6 @@ def global_module_hooks() -> bool:
         m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
         or m._global_backward_pre_hooks
     )
-
 
 
 def is_dtensor(t) -> bool:

@@ -23,14 +23,12 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core import paths
 from ..core.fingerprint import Fingerprint
+from ..core.drift import RELOAD_DRIFT_BOUND, reload_drift
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
+from ..core.spectrum import SVD_DTYPES
 from .factorization import Factorization, factorize_modules, shift_unit, skips_svd, weight_matrix
-from .guards import check_supported_weight, global_module_hooks, under_init_empty_weights
+from .guards import check_supported_weight, global_module_hooks, is_dtensor, under_init_empty_weights
 
-# Singular vectors are unique only up to rotations within blocks of equal singular values. Below this gap (relative
-# to sigma_1) between neighbours in or at the edge of the kept block, a recomputed SVD may pick different vectors,
-# so the bases of that module are saved with the adapter.
-DEGENERATE_GAP = 1e-6
 
 @dataclass
 class SpectrumInfo:
@@ -41,20 +39,29 @@ class SpectrumInfo:
     r: int  # kept singular values = trainable parameters
     energy_kept: Optional[float]  # share of ||W0||_F^2 held by the kept values
     nuclear_kept: Optional[float]  # share of ||W0||_* (None when the full spectrum was not computed)
-    min_gap: float  # see DEGENERATE_GAP
+    min_gap: float  # smallest gap around the kept block, relative to sigma_1
     fingerprint: Fingerprint
     randomized: bool = False  # bases from a randomized SVD, which another device or BLAS need not reproduce
+    spectrum: Optional[torch.Tensor] = None  # the whole spectrum; None when not computed (bases came from a file)
+    svd_dtype: torch.dtype = torch.float32
 
-    @property
-    def bases_needed(self) -> bool:
-        return self.randomized or self.min_gap < DEGENERATE_GAP
+    def reload_drift(self, shift: torch.Tensor) -> float:
+        """Estimated relative drift of this module's Delta W if its bases were recomputed elsewhere
+        (``svfit.core.drift``); infinite when that cannot be estimated."""
+        if self.randomized or self.spectrum is None:
+            return float("inf")
+        return reload_drift(self.spectrum, shift, self.svd_dtype)
+
+    def needs_bases(self, shift: torch.Tensor) -> bool:
+        """Whether a saved adapter must carry this module's bases to reload within ``RELOAD_DRIFT_BOUND``."""
+        return self.reload_drift(shift) > RELOAD_DRIFT_BOUND
 
 
 class SVFitLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("svfit_vector",)
     other_param_names: tuple[str, ...] = (
-        "svfit_U",
-        "svfit_V",
+        "basis_U",
+        "basis_V",
         "svfit_sigma",
         "svfit_info",
         "svfit_parametrization",
@@ -67,10 +74,12 @@ class SVFitLayer(BaseTunerLayer):
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.svfit_vector = nn.ParameterDict({})
-        # Persistent so that save_bases / degenerate modules can save them; the tuner's state-dict hook drops them
-        # from adapter checkpoints otherwise.
-        self.svfit_U = BufferDict({}, persistent=True)
-        self.svfit_V = BufferDict({}, persistent=True)
+        # Frozen parameters rather than buffers, so that FSDP2 shards them like any frozen weight (each rank holds
+        # 1/N); only svfit_vector ever requires grad (adapter_layer_names). A layer stores one basis (that of its
+        # smaller side) when the other follows from W0 exactly enough (``stored_bases``). The tuner's state-dict hook
+        # keeps them out of adapter checkpoints unless they must be saved.
+        self.basis_U = nn.ParameterDict({})
+        self.basis_V = nn.ParameterDict({})
         self.svfit_sigma = BufferDict({}, persistent=True)
         self.svfit_info: dict[str, SpectrumInfo] = {}
         self.svfit_parametrization: dict[str, str] = {}
@@ -79,6 +88,7 @@ class SVFitLayer(BaseTunerLayer):
         self.svfit_bases_dtype: dict[str, str] = {}
         self.svfit_compute_path: dict[str, str] = {}
         self._one_basis: dict[str, bool] = {}
+        self._placeholders: set[str] = set()  # adapters whose bases await a checkpoint (no SVD was run)
         self.register_load_state_dict_post_hook(_after_state_dict_load)  # sigma may arrive with a checkpoint
         self._disable_adapters = False
         self.merged_adapters = []  # rebind: the class-level list would be shared by every layer
@@ -133,6 +143,7 @@ class SVFitLayer(BaseTunerLayer):
             info = SpectrumInfo(
                 (d_out, d_in), min(d_out, d_in), r, None, None, float("inf"), recorded_fingerprint, randomized
             )
+            self._placeholders.add(adapter_name)
         else:
             if factorization is None:
                 done, _ = factorize_modules({"": (base, rank_spec)}, config, {"": type(self).__name__})
@@ -142,14 +153,20 @@ class SVFitLayer(BaseTunerLayer):
                 warnings.warn(f"{type(base).__name__} weight {tuple(W.shape)} is all zeros: SVFit keeps r=0 there")
             U, S, V = svd.U.to(bases_dtype), svd.S.float(), svd.V.to(bases_dtype)
             info = SpectrumInfo(
-                tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized
+                tuple(W.shape), svd.n, svd.r, svd.energy_kept, svd.nuclear_kept, svd.min_gap, fp, randomized,
+                svd.spectrum, SVD_DTYPES[config.svd_dtype],
             )
+            keep = self._bases_to_keep(config, S, randomized)
+            U, V = (U if keep != "V" else None), (V if keep != "U" else None)
         # the unit of the trained vector (config.scaling): from the fingerprint the adapter records, so that a reload
         # onto a copy of the base in another dtype uses the very same number
         self.svfit_unit[adapter_name] = shift_unit(config, recorded_fingerprint or info.fingerprint, min(d_out, d_in))
 
-        self.svfit_U[adapter_name] = U
-        self.svfit_V[adapter_name] = V
+        for container, basis in ((self.basis_U, U), (self.basis_V, V)):
+            if basis is not None:
+                put_frozen(container, adapter_name, basis)
+            elif adapter_name in container:
+                del container[adapter_name]
         self.svfit_sigma[adapter_name] = S
         vector = initial_vector(
             S, config.parametrization, random=not config.init_weights, unit=self.svfit_unit[adapter_name]
@@ -165,6 +182,65 @@ class SVFitLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
         return info
 
+    def _bases_to_keep(self, config, sigma: torch.Tensor, randomized: bool) -> str:
+        """"U", "V" (one basis: the layer's smaller side) or "both". One basis needs the exact identity
+        W0 V_r = U_r diag(sigma_r) (so no randomized SVD), a well-conditioned kept spectrum (the other basis is
+        W0 V_r / sigma_r) and W0 at hand in the forward; layers other than Linear / Conv1D keep both."""
+        if getattr(config, "bases", "auto") == "both" or randomized or not self._one_basis_storage:
+            return "both"
+        if is_dtensor(self.get_base_layer().weight):
+            return "both"  # already sharded: W0 is whole only inside its own unit's forward (FSDP shards both bases)
+        if sigma.numel() == 0 or not paths.one_basis_ok(sigma):
+            return "both"
+        return "V" if self.in_features <= self.out_features else "U"
+
+    _one_basis_storage = False  # layer types whose paths can run from one stored basis
+
+    def stored_bases(self, adapter_name: str) -> str:
+        """Which bases this layer keeps for an adapter: "both", "U" or "V"."""
+        has_u, has_v = adapter_name in self.basis_U, adapter_name in self.basis_V
+        return "both" if has_u and has_v else ("U" if has_u else "V")
+
+    def needs_saved_bases(self, adapter_name: str) -> bool:
+        """Whether a checkpoint of this adapter must carry this module's bases (see ``SpectrumInfo.needs_bases``)."""
+        return self.svfit_info[adapter_name].needs_bases(self.singular_value_shift(adapter_name).detach())
+
+    def placeholder_bases(self, adapter_name: str) -> bool:
+        return adapter_name in self._placeholders
+
+    def keep_bases(self, adapter_name: str, sigma: torch.Tensor, config) -> None:
+        """Drop the basis a layer with these singular values would not store (after a load that skipped the SVD)."""
+        self._placeholders.discard(adapter_name)
+        keep = self._bases_to_keep(config, sigma, self.svfit_info[adapter_name].randomized)
+        for side in {"U": ("V",), "V": ("U",)}.get(keep, ()):
+            container = getattr(self, f"basis_{side}")
+            if adapter_name in container:
+                del container[adapter_name]
+
+    def dense_bases(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_r, V_r) in float32, the missing one of a one-basis layer formed from the pre-trained weight
+        (W0 V_r / sigma_r or W0^T U_r / sigma_r). Only valid while no adapter is merged into the weight (merge
+        stores both bases first)."""
+        U = self.basis_U[adapter_name].float() if adapter_name in self.basis_U else None
+        V = self.basis_V[adapter_name].float() if adapter_name in self.basis_V else None
+        if U is not None and V is not None:
+            return U, V
+        if self.merged:
+            raise RuntimeError("internal: one-basis layer with merged adapters (merge materialises both bases)")
+        W = self._weight_matrix().detach().float()
+        sigma = self.svfit_sigma[adapter_name].float()
+        return ((W @ V) / sigma, V) if U is None else (U, (W.T @ U) / sigma)
+
+    def materialize_bases(self, adapter_name: Optional[str] = None) -> None:
+        """Store both bases (from the pristine weight), e.g. before merging changes that weight."""
+        for name in [adapter_name] if adapter_name else list(self.svfit_vector):
+            if self.stored_bases(name) == "both" or name not in self.svfit_sigma:
+                continue
+            stored = self.basis_U[name] if name in self.basis_U else self.basis_V[name]
+            U, V = self.dense_bases(name)
+            put_frozen(self.basis_U, name, U.to(stored.dtype))
+            put_frozen(self.basis_V, name, V.to(stored.dtype))
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         # PEFT's version also casts every float container to the base dtype, which would round U, V and the fp32
         # trained vector to bf16 before autocast brings them back. SVFit moves devices only; dtypes are set on
@@ -172,10 +248,14 @@ class SVFitLayer(BaseTunerLayer):
         target = device if device is not None else self.get_base_layer().weight.device
         if target.type == "meta":
             return
-        for container in (self.svfit_U, self.svfit_V, self.svfit_sigma):
+        for container in (self.basis_U, self.basis_V, self.svfit_sigma):
             t = container[adapter_name] if adapter_name in container else None
             if t is not None and t.device.type != "meta" and t.device != target:
-                container[adapter_name] = t.to(target)
+                moved = t.data.to(target)
+                if isinstance(t, nn.Parameter):
+                    put_frozen(container, adapter_name, moved)
+                else:
+                    container[adapter_name] = moved
         if adapter_name in self.svfit_vector:
             p = self.svfit_vector[adapter_name]
             if p.device.type != "meta" and p.device != target:
@@ -186,6 +266,8 @@ class SVFitLayer(BaseTunerLayer):
         dtype per ``bases_dtype``; sigma_r always float32."""
         if adapter_name not in self.svfit_vector:
             return
+        if is_dtensor(self.svfit_vector[adapter_name]):
+            return  # sharded by FSDP2 as created (float32 vector, bases in bases_dtype): FSDP owns these parameters
         base_dtype = self.get_base_layer().weight.dtype
         base_dtype = base_dtype if base_dtype.is_floating_point else torch.float32
         p = self.svfit_vector[adapter_name]
@@ -193,10 +275,10 @@ class SVFitLayer(BaseTunerLayer):
         if p.dtype != want and p.device.type != "meta":
             self.svfit_vector[adapter_name] = nn.Parameter(p.data.to(want), requires_grad=p.requires_grad)
         bases = torch.float32 if self.svfit_bases_dtype[adapter_name] == "float32" else base_dtype
-        for container in (self.svfit_U, self.svfit_V):
-            t = container[adapter_name]
-            if t.dtype != bases:
-                container[adapter_name] = t.to(bases)
+        for container in (self.basis_U, self.basis_V):
+            t = container[adapter_name] if adapter_name in container else None
+            if t is not None and t.dtype != bases:
+                put_frozen(container, adapter_name, t.data.to(bases))
 
     # -- the adapted singular values ---------------------------------------------------------------------------
 
@@ -212,10 +294,16 @@ class SVFitLayer(BaseTunerLayer):
 
     def _delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """Delta W = U_r diag(c) V_r^T as a float32 (d_out, d_in) matrix."""
-        U = self.svfit_U[adapter_name].float()
-        V = self.svfit_V[adapter_name].float()
+        U, V = self.dense_bases(adapter_name)
         c = self.singular_value_shift(adapter_name).float()
         return (U * c) @ V.T
+
+    def relative_shift(self, adapter_name: str) -> torch.Tensor:
+        """c / sigma_r (what one-basis computations scale by)."""
+        return relative_shift(
+            self.svfit_vector[adapter_name], self.svfit_sigma[adapter_name], self.svfit_parametrization[adapter_name],
+            self.svfit_nonneg[adapter_name], self.svfit_unit.get(adapter_name, 1.0),
+        )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Delta W in the stored layout and dtype of the base weight (transposed for Conv1D, a kernel for convs)."""
@@ -229,6 +317,7 @@ class SVFitLayer(BaseTunerLayer):
         if not adapter_names:
             return
         weight = self.get_base_layer().weight
+        self.materialize_bases()  # one-basis adapters read W0, which merging is about to change
         for name in adapter_names:
             if name not in self.svfit_vector:
                 continue
@@ -363,8 +452,16 @@ class Linear(nn.Module, SVFitLayer):
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.is_conv1d else delta
 
+    _one_basis_storage = True
+
     def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
+        U, V = self.basis_U.get(adapter_name), self.basis_V.get(adapter_name)
+        if U is None or V is None:
+            basis = U if U is not None else V
+            return paths.one_basis_branch(
+                self._cast_input_dtype(x, basis.dtype), self.relative_shift(adapter_name),
+                self.get_base_layer().weight, U, V, transposed=self.is_conv1d,
+            )
         c = self.singular_value_shift(adapter_name)
         return paths.reference_branch(self._cast_input_dtype(x, V.dtype), c, U, V)
 
@@ -373,15 +470,11 @@ class Linear(nn.Module, SVFitLayer):
         if path == "reference":
             return self._svfit_forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        U, V = self.svfit_U[name], self.svfit_V[name]
+        U, V = self.basis_U.get(name), self.basis_V.get(name)
         if path == "merged":
-            return paths.merged_linear(
-                x, self.singular_value_shift(name), base.weight, base.bias, U, V, transposed=self.is_conv1d
-            )
-        s = relative_shift(
-            self.svfit_vector[name], self.svfit_sigma[name], self.svfit_parametrization[name], self.svfit_nonneg[name],
-            self.svfit_unit.get(name, 1.0),
-        )
+            c = self.singular_value_shift(name) if U is not None and V is not None else self.relative_shift(name)
+            return paths.merged_linear(x, c, base.weight, base.bias, U, V, transposed=self.is_conv1d)
+        s = self.relative_shift(name)
         if path == "input":
             return base(paths.project_input(x, s, V))
         return paths.project_output(base(x), s, U, base.bias)
@@ -395,14 +488,23 @@ class Linear(nn.Module, SVFitLayer):
         base = self.get_base_layer()
         plain = self._plain_base((nn.Linear, Conv1D))
         one_basis = plain and self._one_basis_ok(name)
+        stored = self.stored_bases(name)
+        available = {"merged": plain, "input": one_basis and stored != "U", "output": one_basis and stored != "V"}
         wanted = self.svfit_compute_path.get(name, "auto")
         if wanted != "auto":
-            return (wanted if (plain if wanted == "merged" else one_basis) else "reference"), name
+            return (wanted if available.get(wanted) else "reference"), name
         # Chosen from shapes alone (costed as a training step), never from grad mode: the same input then gives the
-        # same bits in training, in eval and after a save/load round trip. With half-precision weights, merged and
-        # input would round a small update into a bf16 weight or input; output adds it to the output, like the
-        # reference does.
-        full_precision = base.weight.dtype in (torch.float32, torch.float64)
+        # same bits in training, in eval and after a save/load round trip. In half precision a merged weight would
+        # round a small update away against W0's own rounding. With half-precision weights the output path loses as
+        # much of the update as the reference branch (the output's rounding) and the input path 1.7x that (it also
+        # rounds the input plus update); under autocast of float32 weights, the input path would round a float32
+        # input plus update to half precision before the matmul, noise far larger than a small update
+        # (tests/test_drift.py).
+        refused = set()
+        if base.weight.dtype not in (torch.float32, torch.float64):
+            refused = {"merged"}
+        elif _autocast_to_half(x):
+            refused = {"merged", "input"}
         path = paths.choose_path(
             x.numel() // self.in_features,
             self.in_features,
@@ -410,7 +512,8 @@ class Linear(nn.Module, SVFitLayer):
             self.svfit_info[name].r,
             training=True,
             one_basis=one_basis,
-            allowed=None if full_precision else {"output"},
+            allowed={k for k, ok in available.items() if ok and k not in refused},
+            stored=stored,
         )
         return path, name
 
@@ -451,7 +554,7 @@ class Conv(nn.Module, SVFitLayer):
 
     def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         base = self.get_base_layer()
-        U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
+        U, V = self.basis_U[adapter_name], self.basis_V[adapter_name]
         c = self.singular_value_shift(adapter_name)
         kernel = V.T.reshape(V.shape[1], *base.weight.shape[1:])  # (r, c_in, *k)
         # base._conv_forward applies the base's stride, padding (and padding_mode), dilation
@@ -465,7 +568,7 @@ class Conv(nn.Module, SVFitLayer):
             return self._svfit_forward(x, *args, **kwargs)
         base = self.get_base_layer()
         return paths.merged_conv(
-            x, self.singular_value_shift(name), base.weight, base.bias, self.svfit_U[name], self.svfit_V[name],
+            x, self.singular_value_shift(name), base.weight, base.bias, self.basis_U[name], self.basis_V[name],
             stride=base.stride, padding=base.padding, dilation=base.dilation,
         )
 
@@ -493,7 +596,7 @@ class Conv(nn.Module, SVFitLayer):
         for size, k, s, p, d in zip(x.shape[2:], base.kernel_size, base.stride, base.padding, base.dilation):
             out_positions *= max((size + 2 * p - d * (k - 1) - 1) // s + 1, 0)
         costs = paths.conv_path_costs(
-            out_positions, self.svfit_V[name].shape[0], base.out_channels, self.svfit_info[name].r
+            out_positions, self.basis_V[name].shape[0], base.out_channels, self.svfit_info[name].r
         )
         return min(costs, key=costs.get), name
 
@@ -516,7 +619,7 @@ class Embedding(nn.Module, SVFitLayer):
         return delta
 
     def _branch(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        U, V = self.svfit_U[adapter_name], self.svfit_V[adapter_name]
+        U, V = self.basis_U[adapter_name], self.basis_V[adapter_name]
         c = self.singular_value_shift(adapter_name)
         out = ((F.embedding(x, U) * c).to(V.dtype)) @ V.T
         embed_scale = self._get_embed_scale()  # e.g. Gemma scales its embeddings inside forward
@@ -524,6 +627,26 @@ class Embedding(nn.Module, SVFitLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._svfit_forward(x, *args, **kwargs)
+
+
+def put_frozen(container: nn.ParameterDict, key: str, tensor: torch.Tensor) -> None:
+    """Store a frozen basis. Bases are data, not weights to initialise: under accelerate's init_empty_weights (PEFT's
+    low_cpu_mem_usage) a new parameter is moved to the meta device, so the real tensor is put back."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    container[key] = param
+    if container[key].device != tensor.device:
+        container._parameters[key] = param
+
+
+def _autocast_to_half(x: torch.Tensor) -> bool:
+    """Whether an autocast region would run this layer's matmul in a half-precision dtype."""
+    device = x.device.type
+    try:
+        if not torch.is_autocast_enabled(device):
+            return False
+        return torch.get_autocast_dtype(device) in (torch.float16, torch.bfloat16)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
 
 
 def _after_state_dict_load(module: "SVFitLayer", incompatible_keys) -> None:

@@ -15,24 +15,25 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..core.fingerprint import Fingerprint, compare
+from ..core.fingerprint import from_row as from_fingerprint_row
+from ..core.fingerprint import to_row as to_fingerprint_row
 from .config import SVFitConfig
-from .factorization import factorize_modules, layer_kind, skips_svd
-from .guards import check_supported_weight
-from .layer import SVFitLayer, dispatch
+from .factorization import factorize_modules, layer_kind, shift_unit, skips_svd
+from .guards import BaseWeightMismatchError, check_supported_weight
+from .layer import SVFitLayer, dispatch, put_frozen
 from .summary import ModuleSummary, summarize
 
-_BASES_ATTRS = ("svfit_U", "svfit_V", "svfit_sigma")
+_BASES_ATTRS = ("basis_U", "basis_V", "svfit_sigma", "svfit_U", "svfit_V")  # in memory; in files: svfit_U/V
+_FILE_TO_MODEL = {"svfit_U": "basis_U", "svfit_V": "basis_V"}
+FINGERPRINT_KEY = "svfit_base_fingerprints"  # one uint8 table per adapter file (see _get_adapter_state_dict)
 
 
 _BOUND_TO = "_svfit_bound_to"  # weakref to the model whose weights the config's records describe
 _BOUND_NAME = "_svfit_bound_name"  # that model's base_model_name_or_path
 _RECHOSEN = "_svfit_ranks_rechosen"  # a reused config's copy that re-chose its ranks on a different base
-
-
-class BaseWeightMismatchError(ValueError):
-    """An SVFit adapter is being loaded onto base weights other than those it was trained on."""
 
 
 class SVFitModel(BaseTuner):
@@ -103,6 +104,7 @@ class SVFitModel(BaseTuner):
             )
         finally:
             self._svfit_factorized = {}
+        _shard_like_their_bases(model)
         if report is not None:
             self.svfit_init_report[adapter_name] = report
         if reused and not getattr(config, _RECHOSEN, False) and _same_records(config, original):
@@ -129,6 +131,7 @@ class SVFitModel(BaseTuner):
         recorded_fp = config.base_fingerprints.get(current_key)
         recorded_fp = Fingerprint.from_json(recorded_fp) if recorded_fp is not None else None
         rank_spec = recorded_r if recorded_r is not None else config.rank_spec_for(current_key)
+        _reconcile_fan_in_fan_out(config, target)
 
         factorization = getattr(self, "_svfit_factorized", {}).pop(current_key, None)
         if isinstance(target, SVFitLayer):
@@ -149,6 +152,7 @@ class SVFitModel(BaseTuner):
     def _factorize_targets(self, model, config, low_cpu_mem_usage, state_dict):
         """Factorise every module this injection will adapt, found as PEFT's injection will find them."""
         targets = _planned_targets(self, model, config, state_dict)
+        _refuse_adding_to_sharded_layers(targets)
         on_meta = low_cpu_mem_usage
         modules, kinds = {}, {}
         for key, module in targets:
@@ -233,18 +237,37 @@ class SVFitModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if getattr(config, "save_bases", False):
-            return selected
+        save_all = getattr(config, "save_bases", False)
         # By default the file holds the trained vectors only; the bases are recomputed from the base weights at
-        # load. Modules whose singular vectors are not unique (repeated singular values) keep theirs.
-        keep = {
-            name
-            for name, module in model.named_modules()
-            if isinstance(module, SVFitLayer)
-            and adapter_name in module.svfit_info
-            and module.svfit_info[adapter_name].bases_needed
-        }
-        return {k: v for k, v in selected.items() if _bases_owner(k) is None or _bases_owner(k) in keep}
+        # load. Modules whose recomputation could drift by more than the bound (SpectrumInfo.needs_bases: nearly
+        # repeated singular values that training moved apart) keep theirs; save_bases=True
+        # keeps both bases of every module (a one-basis layer forms the other from W0), which is what makes a load
+        # onto a copy of the base in another dtype exact.
+        out = {k: v for k, v in selected.items() if _bases_owner(k) is None}
+        for name, module in model.named_modules():
+            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_info:
+                continue
+            if not (save_all or module.needs_saved_bases(adapter_name)):
+                continue
+            prefix = f"{name}." if name else ""
+            bases = dict(zip(("U", "V"), module.dense_bases(adapter_name))) if save_all else {
+                side: getattr(module, f"basis_{side}")[adapter_name]
+                for side in ("U", "V") if adapter_name in getattr(module, f"basis_{side}")
+            }
+            stored_dtype = next(iter(p for p in (module.basis_U.get(adapter_name), module.basis_V.get(adapter_name))
+                                     if p is not None)).dtype
+            for side, tensor in bases.items():
+                out[f"{prefix}svfit_{side}.{adapter_name}"] = tensor.detach().to(stored_dtype)
+            out[f"{prefix}svfit_sigma.{adapter_name}"] = module.svfit_sigma[adapter_name]
+        # one table of the base weights' fingerprints, rows in the sorted order of the modules' vector keys, so that
+        # every load path checks the base, whatever config object it is handed
+        owners = sorted(k.rsplit(f".svfit_vector.{adapter_name}", 1)[0] for k in out
+                        if k.endswith(f".svfit_vector.{adapter_name}"))
+        modules = dict(model.named_modules())
+        rows = [to_fingerprint_row(modules[o].svfit_info[adapter_name].fingerprint) for o in owners if o in modules]
+        if rows and len(rows) == len(owners):
+            out[FINGERPRINT_KEY] = torch.stack(rows).cpu()
+        return out
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -255,17 +278,42 @@ class SVFitModel(BaseTuner):
                 "would not fit. Load the adapter with its own saved config (omit config=) onto the model it was "
                 "trained on."
             )
+        # files name the bases svfit_U / svfit_V; in memory they are the frozen parameters basis_U / basis_V
+        state_dict = {_model_key(k): v for k, v in state_dict.items()}
+        table = state_dict.pop(FINGERPRINT_KEY, None)
+        recorded = {}
+        if table is not None:
+            owners = sorted(k.rsplit(".svfit_vector", 1)[0] for k in state_dict if k.endswith(".svfit_vector"))
+            if table.dim() != 2 or table.shape[0] != len(owners):
+                raise ValueError(f"the adapter file's {FINGERPRINT_KEY} table does not match its modules: corrupt file")
+            recorded = dict(zip(owners, table))
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        # Bases absent from the checkpoint were recomputed at injection: present them as loaded, so that PEFT does
-        # not report them as missing keys.
-        for name, module in model.named_modules():
-            if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_U:
+        layers = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, SVFitLayer) and adapter_name in module.svfit_sigma]
+        # every module's base weight is checked against the one the file was trained on before anything is loaded
+        copies = [_check_loaded_fingerprint(name, module, adapter_name, _row_for(recorded, name), remapped, config)
+                  for name, module in layers]
+        for (name, module), other_dtype in zip(layers, copies):
+            prefix = f"{name}." if name else ""
+            if other_dtype is not None:
+                # a copy of the base in another dtype with both saved bases: use them as saved (exact Delta W)
+                module.materialize_bases(adapter_name)
+                module.svfit_unit[adapter_name] = shift_unit(config, other_dtype, min(module.svfit_info[adapter_name].shape))
                 continue
-            for attr in _BASES_ATTRS:
-                key = f"{name}.{attr}.{adapter_name}" if name else f"{attr}.{adapter_name}"
-                value = getattr(module, attr)[adapter_name]
-                if key not in remapped and value.device.type != "meta":
-                    remapped[key] = value
+            sigma = remapped.get(f"{prefix}svfit_sigma.{adapter_name}")
+            if sigma is not None and module.placeholder_bases(adapter_name):
+                # a low_cpu_mem_usage load that skipped the SVD: store the bases the trained layer stored
+                module.keep_bases(adapter_name, sigma, config)
+            for attr in ("basis_U", "basis_V", "svfit_sigma"):
+                key = f"{prefix}{attr}.{adapter_name}"
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    remapped.pop(key, None)  # a basis this (one-basis) layer does not store is not needed
+                elif key not in remapped and container[adapter_name].device.type != "meta":
+                    # recomputed at injection: present it as loaded, so that PEFT reports no missing key
+                    remapped[key] = container[adapter_name]
+        # saved bases of sides no layer stores (a save_bases checkpoint on one-basis layers)
+        remapped = {k: v for k, v in remapped.items() if not k.endswith((".basis_U", ".basis_V"))}
         return remapped
 
     # -- inspection --------------------------------------------------------------------------------------------
@@ -274,6 +322,134 @@ class SVFitModel(BaseTuner):
         """Per adapted module: shape, full spectrum length n, chosen r, share of the spectrum kept."""
         name = adapter_name or self.active_adapters[0]
         return summarize(self.model, name)
+
+    # -- combining adapters ------------------------------------------------------------------------------------
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "linear",
+        svd_rank: Optional[int] = None,
+        svd_clamp: Optional[float] = None,
+        svd_full_matrices: bool = True,
+        svd_driver: Optional[str] = None,
+        density: Optional[float] = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name`` whose update is exactly the weighted sum of the given adapters' updates.
+
+        Adapters on one base share U_r and V_r (the same SVD of the same weight), so
+        ΔW_new = U_r diag(Σ w_i c_i) V_r^T = Σ w_i ΔW_i, with c_i each adapter's singular-value shift: unlike
+        LoRA's ``linear``, the combination is exact (to float round-off). ``combination_type`` ``"linear"``
+        (default), ``"cat"`` and ``"svd"`` all give this exact sum; LoRA's pruning types (ties, dare_*,
+        magnitude_prune) and ``svd_rank``/``svd_clamp``/``density`` are refused. ``modules_to_save`` copies combine
+        the same way in weight space (W0 + Σ w_i (W_i - W0)); trained biases are shared by all adapters and are
+        not part of an adapter. The new adapter is added inactive (like ``add_adapter``); on each module it has the
+        largest rank among the combined adapters.
+
+        Raises ValueError where the sum cannot be exact: adapters whose singular vectors on a module differ (other
+        base weights, other SVD settings, ranks whose bases are not nested) or a combined shift the new adapter's
+        parametrization cannot represent (e.g. ``nonneg=True`` with a combined singular value below zero).
+        """
+        _add_weighted_adapter(
+            self, list(adapters), list(weights), adapter_name, combination_type,
+            dict(svd_rank=svd_rank, svd_clamp=svd_clamp, density=density),
+        )
+
+
+def _reconcile_fan_in_fan_out(config: SVFitConfig, target: nn.Module) -> None:
+    """LoRA's semantics for ``fan_in_fan_out``: it states the base layer's weight layout, (in, out) as in
+    transformers' Conv1D. SVFit reads the layout from the layer class; where the flag contradicts it, warn with
+    LoRA's message and correct the config as LoRA does (so a LoraConfig recipe switched to SVFitConfig behaves the
+    same, and the saved config states the layout that was used). Convolutions and embeddings ignore it, as in LoRA.
+    None (SVFit's default) takes the layout from each layer silently."""
+    if config.fan_in_fan_out is None:
+        return
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, Conv1D) and not config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+            stacklevel=4,
+        )
+        config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to "
+            "False.",
+            stacklevel=4,
+        )
+        config.fan_in_fan_out = False
+
+
+def _row_for(recorded: dict, module_name: str):
+    """The fingerprint row of a module, whether or not the model is wrapped in a PeftModel (the file's keys are)."""
+    row = recorded.get(module_name)
+    return row if row is not None else recorded.get(f"base_model.model.{module_name}")
+
+
+def _check_loaded_fingerprint(name, module, adapter_name, row, state_dict, config) -> Optional[Fingerprint]:
+    """Check the base-weight fingerprint a checkpoint carries for one module (files from svfit >= 0.2). Returns the
+    recorded fingerprint when this base is a copy of it in another dtype that the checkpoint's saved bases make
+    exact; raises BaseWeightMismatchError for another weight, or for another dtype without both saved bases."""
+    prefix = f"{name}." if name else ""
+    if row is None:
+        return None  # an older file: the config's fingerprints were checked at injection
+    recorded = from_fingerprint_row(row, tuple(module.get_base_layer().weight.shape))
+    if recorded.hash == module.svfit_info[adapter_name].fingerprint.hash:
+        return None
+    match, current = compare(recorded, module.get_base_layer().weight)
+    key = name.removeprefix("base_model.model.")
+    if match == "identical":
+        return None
+    if match == "different":
+        raise BaseWeightMismatchError(
+            f"This SVFit adapter was trained on a different base model: module '{key}' does not match (adapter: "
+            f"{recorded.describe()}; this model: {current.describe()}). SVFit recomputes the singular vectors from the "
+            f"base weights, so load it onto the model it was trained on{_base_hint(config)}."
+        )
+    saved = {side: next((k for k in (f"{prefix}basis_{side}.{adapter_name}", f"{prefix}basis_{side}")
+                         if k in state_dict), None) for side in ("U", "V")}
+    if None in saved.values():
+        raise BaseWeightMismatchError(_other_dtype_message(key, recorded, current))
+    for side, k in saved.items():  # a basis this layer did not store yet still loads: the layer will store both
+        state_dict[f"{prefix}basis_{side}.{adapter_name}"] = state_dict.pop(k)
+    return recorded
+
+
+def _refuse_adding_to_sharded_layers(targets) -> None:
+    """FSDP2 manages a fixed set of parameters per unit: an SVFit layer already sharded cannot take a second
+    adapter's parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for key, module in targets:
+        if isinstance(module, SVFitLayer) and isinstance(module, FSDPModule):
+            raise ValueError(
+                f"cannot add another SVFit adapter to '{key}': it is already sharded by FSDP2, which manages a fixed "
+                "set of parameters. Add every adapter before sharding (get_peft_model / add_adapter, then "
+                "fully_shard), or load them into a fresh model."
+            )
+
+
+def _shard_like_their_bases(model: nn.Module) -> None:
+    """An SVFit layer whose base weight FSDP2 already shards becomes an FSDP2 unit of its own on the same mesh, so
+    that its singular values and bases are sharded too and their gradients reduced across ranks (the base's
+    parameters stay with the unit that owns them)."""
+    from .guards import is_dtensor
+
+    for module in model.modules():
+        if not isinstance(module, SVFitLayer):
+            continue
+        base = module.get_base_layer()
+        if not is_dtensor(base.weight):
+            continue
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=base.weight.device_mesh, ignored_params=set(base.parameters()))
 
 
 def _planned_targets(tuner: BaseTuner, model: nn.Module, config: SVFitConfig, state_dict) -> list:
@@ -351,13 +527,19 @@ def verify_base_weights(model: nn.Module, config: SVFitConfig) -> None:
                 f"{_base_hint(config)}. (Creating a new adapter? An SVFitConfig records the weights it was first "
                 "applied to: pass a fresh SVFitConfig for another model.)"
             )
-        if match == "close":
-            warnings.warn(
-                f"Base weight '{key}' is not byte-identical to the one the adapter was trained on, but matches it up "
-                f"to {current.dtype}/{recorded[key].dtype} rounding; outputs will match only approximately.",
-                stacklevel=3,
-            )
+        if match == "close" and not config.save_bases:
+            raise BaseWeightMismatchError(_other_dtype_message(key, recorded[key], current))
 
+
+def _other_dtype_message(key: str, recorded: Fingerprint, current: Fingerprint) -> str:
+    return (
+        f"This SVFit adapter was trained on the {recorded.dtype} weights of this model, and this copy holds them in "
+        f"{current.dtype} (module '{key}'). Its singular vectors, recomputed from the rounded weights, would move the "
+        f"trained update by several percent, so it is not loaded. Load the base model in {recorded.dtype} "
+        f"(dtype=torch.{recorded.dtype}), load the adapter, then cast the whole model (model.to(torch."
+        f"{current.dtype})); or save the adapter with SVFitConfig(save_bases=True): its file then carries U_r and "
+        "V_r and loads exactly onto a copy in any dtype."
+    )
 
 def _tied_target_weights(model: nn.Module) -> dict[str, list[str]]:
     """SVFit-adapted modules whose base weight is the very tensor some other module also uses (tied weights)."""
@@ -390,6 +572,12 @@ def _check_adapter_name(adapter_name: str, prefix: str) -> None:
         )
 
 
+def _model_key(file_key: str) -> str:
+    """'a.b.svfit_U' (a checkpoint's name of a basis) -> 'a.b.basis_U' (the frozen parameter's)."""
+    head, _, last = file_key.rpartition(".")
+    return f"{head}.{_FILE_TO_MODEL[last]}" if head and last in _FILE_TO_MODEL else file_key
+
+
 def _bases_owner(key: str) -> Optional[str]:
     """Module name of a bases buffer key ('a.b.svfit_U.default' -> 'a.b'), or None for other keys."""
     for attr in _BASES_ATTRS:
@@ -404,3 +592,189 @@ def _bases_owner(key: str) -> Optional[str]:
 def _inject_adapter_names(target, args, kwargs, adapter_names):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+# -- add_weighted_adapter ----------------------------------------------------------------------------------------
+
+_EXACT_COMBINATIONS = ("linear", "cat", "svd")
+
+
+def _add_weighted_adapter(tuner, adapters, weights, new_name, combination_type, refused) -> None:
+    if combination_type not in _EXACT_COMBINATIONS:
+        raise ValueError(
+            f"combination_type {combination_type!r} is not supported by SVFit: its 'linear' combination is already "
+            f"the exact weighted sum of the adapters' updates (also accepted as 'cat' and 'svd'); LoRA's pruning "
+            "combinations (ties, dare_*, magnitude_prune) are not implemented"
+        )
+    for key, value in refused.items():
+        if value is not None:
+            raise ValueError(f"{key}={value!r} is not supported by SVFit's add_weighted_adapter (it is exact at the "
+                             "adapters' own ranks; nothing is truncated or pruned)")
+    if not adapters:
+        raise ValueError("adapters must name at least one adapter")
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
+    weights = [float(w) for w in weights]
+    if not all(torch.isfinite(torch.tensor(w)) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights}")
+    for name in adapters:
+        if name not in tuner.peft_config:
+            raise ValueError(f"Adapter {name} does not exist")
+        if not isinstance(tuner.peft_config[name], SVFitConfig):
+            raise ValueError(f"adapter {name!r} is not an SVFit adapter")
+    if len(set(adapters)) != len(adapters):
+        raise ValueError(f"adapters must be distinct, got {adapters}")
+    if new_name in tuner.peft_config:
+        raise ValueError(f"an adapter named {new_name!r} already exists; choose another name or delete it first")
+    _check_adapter_name(new_name, tuner.prefix)
+
+    # Per module: which adapters live there, whose bases the new adapter takes (the largest rank), and a check that
+    # every other adapter's bases are the leading columns of those (up to a sign per singular pair, which cancels in
+    # u_k c_k v_k^T). Everything is checked before the model is touched.
+    plan = {}
+    for key, layer in tuner.model.named_modules():
+        if not isinstance(layer, SVFitLayer):
+            continue
+        present = [a for a in adapters if a in layer.svfit_vector]
+        if not present:
+            continue
+        merged = [a for a in present if a in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapters {merged} are merged into '{key}': call unmerge_adapter() first")
+        ref = max(present, key=lambda a: layer.svfit_sigma[a].numel())
+        for a in present:
+            if a != ref:
+                _check_shared_bases(layer, key, ref, a)
+        plan[key] = (present, ref)
+    if not plan:
+        raise ValueError(f"none of the adapters {adapters} is on any SVFit layer")
+
+    configs = [tuner.peft_config[a] for a in adapters]
+    first = configs[0]
+    fingerprints = {}
+    for config in configs:
+        for key, fp in config.base_fingerprints.items():
+            if key in plan and fingerprints.setdefault(key, fp) != fp:
+                raise ValueError(
+                    f"cannot combine exactly: the adapters were made on different base weights of '{key}' (their "
+                    "recorded fingerprints differ)"
+                )
+    new_config = copy.deepcopy(first)
+    for attr in (_BOUND_TO, _BOUND_NAME, _RECHOSEN):
+        new_config.__dict__.pop(attr, None)
+    new_config.target_modules = set(plan)  # exactly the modules some combined adapter adapts (full names)
+    new_config.exclude_modules = None
+    new_config.layers_to_transform = None
+    new_config.layers_pattern = None
+    new_config.rank_pattern = {}
+    new_config.resolved_ranks = {
+        key: int(tuner.model.get_submodule(key).svfit_sigma[ref].numel()) for key, (_, ref) in plan.items()
+    }
+    new_config.base_fingerprints = {k: v for k, v in fingerprints.items() if k in plan}
+    new_config.save_bases = any(getattr(c, "save_bases", False) for c in configs)
+    new_config.bias = "none"  # trained biases live in the base layer, shared by every adapter
+    saved = [list(c.modules_to_save or []) for c in configs]
+    new_config.modules_to_save = sorted({m for names in saved for m in names}) or None
+
+    tuner.peft_config[new_name] = new_config
+    try:
+        tuner.inject_adapter(tuner.model, new_name)
+        for key, (present, ref) in plan.items():
+            layer = tuner.model.get_submodule(key)
+            _set_combined_shift(layer, key, new_name, present, ref, dict(zip(adapters, weights)))
+        _combine_modules_to_save(tuner.model, new_name, dict(zip(adapters, weights)))
+    except Exception:
+        if new_name in tuner.peft_config:
+            tuner.delete_adapter(new_name)
+        raise
+
+
+def _check_shared_bases(layer, key: str, ref: str, other: str) -> None:
+    stored = [t for c in (layer.basis_U, layer.basis_V) for a in (ref, other) if a in c for t in [c[a]]]
+    if any(t.device.type == "meta" for t in stored):
+        raise ValueError(f"the bases of '{key}' are not loaded (meta tensors): cannot combine")
+    (U, V), (Uo, Vo) = layer.dense_bases(ref), layer.dense_bases(other)
+    r = Uo.shape[1]
+    sign = torch.sign((U[:, :r] * Uo).sum(0))
+    sign[sign == 0] = 1
+    eps = max(torch.finfo(t.dtype).eps for t in stored)
+    tol = max(1e-5, 16 * eps)
+    du = (U[:, :r] * sign - Uo).abs().max().item() if r else 0.0
+    dv = (V[:, :r] * sign - Vo).abs().max().item() if r else 0.0
+    if du > tol or dv > tol:
+        ranks = f" (r={r} and r={U.shape[1]})" if r != U.shape[1] else ""
+        raise ValueError(
+            f"cannot combine adapters '{other}' and '{ref}' exactly on '{key}': their singular vectors differ{ranks} "
+            f"by up to {max(du, dv):.2e}, so their singular-value shifts live in different bases. Combine adapters "
+            "made with the same SVD settings (svd, svd_dtype, bases_dtype; ranks whose bases are nested) on the same "
+            "base weights."
+        )
+
+
+def _set_combined_shift(layer, key: str, new: str, present, ref: str, weights: dict) -> None:
+    """Give ``new`` the reference adapter's bases and a vector whose shift is Σ w_i c_i (zero-padded to its rank)."""
+    r = layer.svfit_sigma[ref].numel()
+    for container in (layer.basis_U, layer.basis_V):  # the reference adapter's bases, stored as it stores them
+        if ref in container:
+            put_frozen(container, new, container[ref].detach().clone())
+        elif new in container:
+            del container[new]
+    layer.svfit_sigma[new] = layer.svfit_sigma[ref].clone()
+    if hasattr(layer, "_refresh_one_basis"):
+        layer._refresh_one_basis(new)  # sigma changed (by round-off at most): the fast-path guard is derived from it
+    with torch.no_grad():
+        target = torch.zeros(r, dtype=torch.float64, device=layer.svfit_sigma[ref].device)
+        for a in present:
+            c = layer.singular_value_shift(a).detach().double()
+            target[: c.shape[0]] += weights[a] * c
+        vector = _vector_for_shift(layer, new, target)
+        shift = layer.singular_value_shift(new).detach().double()
+    scale = target.abs() + layer.svfit_sigma[new].double().abs()
+    eps = torch.finfo(vector.dtype).eps
+    bad = (shift - target).abs() > 64 * eps * scale + 1e-12
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"cannot combine exactly on '{key}': the new adapter's parametrization "
+            f"('{layer.svfit_parametrization[new]}', nonneg={layer.svfit_nonneg[new]}) cannot represent the combined "
+            f"shift (singular value {i}: wanted {target[i].item():.6g}, representable {shift[i].item():.6g}); with "
+            "nonneg=True a combined singular value fell below zero. Use weights that keep the spectrum non-negative, "
+            "or combine adapters made with nonneg=False."
+        )
+
+
+def _vector_for_shift(layer, name: str, target: torch.Tensor) -> torch.Tensor:
+    """Set ``layer.svfit_vector[name]`` so that ``layer.singular_value_shift(name)`` equals ``target`` wherever the
+    map from the vector to the shift is affine (every parametrization away from a nonneg clamp). The map is probed
+    through singular_value_shift itself, so a change of parametrization (e.g. a scaling factor) is followed; the
+    caller verifies the result."""
+    param = layer.svfit_vector[name]
+    dtype = param.dtype
+    with torch.no_grad():
+        param.data = torch.zeros_like(param.data, dtype=dtype)
+        at0 = layer.singular_value_shift(name).double()
+        param.data = torch.ones_like(param.data, dtype=dtype)
+        at1 = layer.singular_value_shift(name).double()
+        slope = at1 - at0
+        vector = torch.where(slope != 0, (target - at0) / torch.where(slope != 0, slope, 1.0),
+                             torch.zeros_like(target))
+        param.data = vector.to(dtype)
+    return param.data
+
+
+def _combine_modules_to_save(model: nn.Module, new: str, weights: dict) -> None:
+    """modules_to_save copies (e.g. a classification head): W_new = W0 + Σ w_i (W_i - W0), every parameter."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for module in model.modules():
+        if not isinstance(module, ModulesToSaveWrapper) or new not in module.modules_to_save:
+            continue
+        sources = {a: w for a, w in weights.items() if a in module.modules_to_save}
+        original = dict(module.original_module.named_parameters())
+        with torch.no_grad():
+            for pname, p in module.modules_to_save[new].named_parameters():
+                delta = sum(
+                    w * (dict(module.modules_to_save[a].named_parameters())[pname].double() - original[pname].double())
+                    for a, w in sources.items()
+                )
+                p.copy_((original[pname].double() + delta).to(p.dtype))
