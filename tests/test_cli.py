@@ -44,7 +44,10 @@ def test_train_prints_accuracy_before_and_after_and_writes_the_run(sentiment_run
     assert info["status"] == "success"
     assert info["file_size"] == (out / "adapter" / "adapter_model.safetensors").stat().st_size
     assert 0 < info["num_trainable_params"] < info["num_total_params"]
-    assert info["metrics"][-1]["test accuracy"] >= 0 and "accuracy before" in info["metrics"][-1]
+    final = info["metrics"][-1]
+    # what the run printed is what it recorded
+    assert f"before fine-tuning: accuracy {final['accuracy before']:.4f}" in output
+    assert f"after fine-tuning:  accuracy {final['test accuracy']:.4f}" in output
     assert any("train loss" in m for m in info["metrics"][:-1])
     assert info["cpu_rss_max"] > 0 and info["train_time"] > 0
     assert result["run_info"]["train_config"]["task"] == "sentiment"
@@ -223,7 +226,12 @@ def test_every_task_runs_end_to_end(task, tmp_path):
     out = tmp_path / task
     code, output = cli("train", "--task", task, "--out", out, *TINY)
     assert code == 0, output
-    assert json.loads((out / "result.json").read_text())["train_info"]["num_trainable_params"] > 0
+    # the saved adapter, reloaded onto a fresh base model, scores exactly what the run recorded
+    info = json.loads((out / "result.json").read_text())["train_info"]
+    assert info["status"] == "success" and 0 < info["num_trainable_params"] < info["num_total_params"]
+    code, output = cli("eval", out, "--quiet")
+    assert code == 0, output
+    assert f"accuracy {info['metrics'][-1]['test accuracy']:.4f}" in output.split("(")[0]
 
 
 def test_lm_task_runs_end_to_end(tmp_path):

@@ -255,7 +255,7 @@ def doubtful_outcome(model: torch.nn.Module, before: dict, after: dict, lr: floa
             f"{flipped:,} of {kept:,} kept singular values changed sign during training (the largest moved by "
             f"{100 * worst:,.0f}% of its pre-trained value): --lr {lr:g} is probably too high for this run"
         )
-    if after["loss"] > before["loss"]:
+    if before is not None and after["loss"] > before["loss"]:  # unknown when the run skipped the score before
         lines.append(
             f"the held-out loss ended above where it started ({before['loss']:.4f} -> {after['loss']:.4f}): the "
             f"run did not fit; try a lower --lr (now {lr:g}) or more data / epochs"
