@@ -463,3 +463,21 @@ def test_svd_cache_serves_the_reload_of_a_threshold_adapter(tmp_path, monkeypatc
         assert torch.equal(loaded(x), model(x))
     finally:
         svfit.set_svd_cache(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_basis_projection_of_half_precision_on_cpu_runs_in_float32(dtype):
+    """On CPU the projection's matmuls run in float32 and the update is rounded once, when added: oneDNN would
+    otherwise compile a kernel per matmul shape, and every adapted matrix has its own r (benchmarks/memory.py)."""
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 16).to(dtype).requires_grad_()
+    B = torch.linalg.qr(torch.randn(16, 6))[0].to(dtype)
+    s = torch.randn(6, requires_grad=True)
+    z = paths.project_input(a, s, B)
+    update = ((a.float() @ B.float()) * s) @ B.float().T
+    assert z.dtype == dtype and torch.equal(z, a + update.to(dtype))
+    g = torch.randn_like(z)
+    z.backward(g)
+    gh = g.float() @ B.float()
+    assert torch.equal(a.grad, g + ((gh * s) @ B.float().T).to(dtype))
+    assert torch.allclose(s.grad, ((a.float() @ B.float()) * gh).reshape(-1, 6).sum(0), rtol=1e-5, atol=1e-6)

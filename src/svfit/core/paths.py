@@ -263,6 +263,16 @@ def conv_path_costs(tokens: int, d_in: int, d_out: int, r: int) -> dict[str, flo
 # -- one basis ---------------------------------------------------------------------------------------------------
 
 
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision tensors on CPU, else their own dtype. On CPU, half-precision matmuls go to oneDNN,
+    which compiles and caches a kernel per matmul shape: with a different r in every adapted matrix, that cache grew
+    by ~75 MiB on SmolLM2 q,v (benchmarks/memory.py), three times LoRA's. MKL's float32 GEMM compiles nothing, costs
+    a basis-sized copy per call (1/T of the matmul) and rounds less."""
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return t.dtype
+
+
 class _Project(Function):
     """z = a + (((a - shift) B) * s) B^T for an orthonormal-column basis B (d, r); saves only (a - shift) B (T, r).
 
@@ -271,8 +281,10 @@ class _Project(Function):
     @staticmethod
     def forward(ctx, a, s, B, shift):
         a0 = a - shift if shift is not None else a
-        h = a0 @ B.to(a.dtype)
-        z = a + ((h * s).to(a.dtype) @ B.T.to(a.dtype))
+        dt = _compute_dtype(a)
+        Bc = B.to(dt)
+        h = a0.to(dt) @ Bc
+        z = a + ((h * s).to(dt) @ Bc.T).to(a.dtype)
         ctx.save_for_backward(h if ctx.needs_input_grad[1] else None, s, B)
         return z
 
@@ -280,9 +292,10 @@ class _Project(Function):
     @once_differentiable  # no second-order terms: a double backward raises rather than drop them silently
     def backward(ctx, g):
         h, s, B = ctx.saved_tensors
-        Bg = B.to(g.dtype)
-        gh = g @ Bg
-        through = (gh * s).to(g.dtype) @ Bg.T  # what the update sends back to a - shift
+        dt = _compute_dtype(g)
+        Bg = B.to(dt)
+        gh = g.to(dt) @ Bg
+        through = ((gh * s).to(dt) @ Bg.T).to(g.dtype)  # what the update sends back to a - shift
         grad_a = g + through if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
