@@ -262,8 +262,8 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         rank_lines += ["", (
             f"The 2 ranks share this machine's {os.cpu_count()} cores, which the 1-rank init already keeps busy with "
             "its pool of SVD threads: here a split can only add the process group's start-up and the broadcasts. "
-            "Where each rank has cores (or an accelerator) of its own, the split divides the SVD time by the "
-            "number of ranks; the table shows that the work was halved and the bases agree bit for bit.")]
+            "What it saves where each rank has cores (or an accelerator) of its own is not measured here; the "
+            "table shows that each rank did half of the SVDs and that the bases agree bit for bit.")]
     return "\n".join(lines + rank_lines) + "\n"
 
 
