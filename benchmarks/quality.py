@@ -721,7 +721,10 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         rows = t["rows"]
         floor = max((p["test accuracy"] for p in (t["probe"] or {}).get("train_info", {}).get("probes", [])),
                     default=float("nan"))
-        v = verdict(rows["svfit"], rows["lora"]) if "svfit" in rows and "lora" in rows else {"status": "unresolved"}
+        if "svfit" in rows and "lora" in rows:
+            v = verdict(rows["svfit"], rows["lora"])
+        else:  # no pair to compare: say which, rather than call it unresolved
+            v = {"status": "not run (probe only)" if not rows else "unresolved"}
 
         def cell(name):
             r = rows.get(name)
@@ -751,6 +754,10 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
                    f"{tc['batch_size']} ({seen:,} training examples seen per run){size}"
                    f"{', batches grouped by length' if tc.get('bucket_by_length') else ''}; "
                    f"{'every method starts from the probe head (LP-FT), head lr ' + format(tc['head_lr'], 'g') if tc.get('head_init') else 'no new head (the LM head stays frozen)'}.")
+    if not runs:
+        out.append(f"No training runs yet, only the probe (the floor): the compute spent so far went to the "
+                   f"tasks with runs. `python -m benchmarks run --only quality --task {task}` runs them (existing results are "
+                   "kept).")
     if runs:
         out.append(f"Compute: {len(runs)} runs, {_cpu_hours(runs):.1f} CPU-hours, "
                    f"{sum(r['run_info'].get('total_time', 0.0) for r in runs) / 3600:.1f} h summed wall time "
