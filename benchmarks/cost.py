@@ -371,14 +371,12 @@ def _reset_hwm() -> bool:
 
 def _trim() -> None:
     """Give freed heap memory back to the OS, so that later RSS growth is not hidden by reuse (or inflated)."""
-    import ctypes
     import gc
 
+    from svfit.core.factorize import release_freed_heap
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_heap()
 
 
 class _Measure:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .core.parametrization import adapted_singular_values
 from .errors import SVFitUserError
+from .validation import nearest_existing, write_error
 
 PLOT_FORMATS = (".png", ".pdf", ".svg")
 
@@ -175,16 +176,12 @@ def check_output_file(path: Path, flag: str, suffixes: Optional[tuple[str, ...]]
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise SVFitUserError(f"{flag} {path}: cannot write a '{path.suffix or '(no suffix)'}' file; give a name ending "
                              f"in {', '.join(suffixes)}")
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path.parent)
     if not ancestor.is_dir():
         raise SVFitUserError(f"cannot write {flag} {path}: {ancestor} is a file")
-    try:  # a real write, not os.access: root passes access checks on read-only file systems
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as exc:
-        raise SVFitUserError(f"cannot write {flag} {path}: {ancestor} is not writable ({exc.strerror})") from None
+    error = write_error(ancestor)
+    if error is not None:
+        raise SVFitUserError(f"cannot write {flag} {path}: {ancestor} is not writable ({error})")
     return path
 
 

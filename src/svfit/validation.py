@@ -1,4 +1,5 @@
-"""Up-front checks of numeric hyper-parameters, shared by ``svfit train`` and ``svfit dreambooth``.
+"""Up-front checks of numeric hyper-parameters, shared by ``svfit train`` and ``svfit dreambooth``, and of the places
+outputs will be written (``--out``, ``inspect --plot/--json``).
 
 A value that cannot mean anything (NaN, infinity, a negative learning rate or weight decay) is refused before any
 model or data is loaded, with one line naming the flag, rather than failing minutes later as a "diverged" run
@@ -8,6 +9,8 @@ that blames another flag, or running to the end on nonsense.
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 from .errors import SVFitUserError
@@ -47,3 +50,21 @@ def check_optimizer(lr: Optional[float], weight_decay: Optional[float] = None, *
 def check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise SVFitUserError(f"unknown {flag} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists: where writing ``path`` would create its first file or folder."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def write_error(directory: Path) -> Optional[str]:
+    """Why a file cannot be created in ``directory`` (the OS's words), or None when it can. A real write, not
+    ``os.access``: root passes access checks on read-only file systems."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

@@ -163,10 +163,11 @@ def _run_and_trim(job: Job, device) -> TruncatedSVD:
     try:
         return job.run(device)
     finally:
-        _malloc_trim()
+        release_freed_heap()
 
 
-def _malloc_trim() -> None:
+def release_freed_heap() -> None:
+    """glibc's ``malloc_trim(0)``: hand freed heap pages of every arena back to the OS (a no-op elsewhere)."""
     global _libc
     if _libc is None:
         try:

@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ..validation import nearest_existing, write_error
+
 RESULT_FILE = "result.json"
 PACKAGES = ("svfit", "peft", "transformers", "torch", "accelerate", "safetensors", "numpy")
 
@@ -162,16 +164,12 @@ def check_writable(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"--out {out_dir} is a file, not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out_dir} already holds files; choose another directory or pass --overwrite")
-    ancestor = out_dir
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(out_dir)
     if not ancestor.is_dir():
         raise NotADirectoryError(f"cannot create --out {out_dir}: {ancestor} is a file; choose another path")
-    try:  # a real write, not os.access: root passes access checks on read-only file systems
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"cannot write to {ancestor} ({exc.strerror}); choose a writable --out directory") from None
+    error = write_error(ancestor)
+    if error is not None:
+        raise PermissionError(f"cannot write to {ancestor} ({error}); choose a writable --out directory")
 
 
 @contextmanager
