@@ -228,7 +228,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     files = sorted((results / NAME).glob("*.json"))
     head = "## Init: cold start against the SVD floor, idle and busy, 1 and 2 ranks\n\n"
     if not files:
-        return head + "Not run yet (`python -m benchmarks run --only init`).\n"
+        return head + "Not run yet (`python -m benchmarks run --only init`).\n" + "\n".join(_accelerator_lines(results))
     lines = [head.rstrip(), "", (
         "Each number is the median of fresh processes. *Floor*: summed `torch.linalg.svd` of the same matrices with "
         "torch's default threads, measured the same way (idle, or under the same load). *Busy*: 2 extra processes "
@@ -264,7 +264,30 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
             "its pool of SVD threads: here a split can only add the process group's start-up and the broadcasts. "
             "What it saves where each rank has cores (or an accelerator) of its own is not measured here; the "
             "table shows that each rank did half of the SVDs and that the bases agree bit for bit.")]
-    return "\n".join(lines + rank_lines) + "\n"
+    return "\n".join(lines + rank_lines + _accelerator_lines(results)) + "\n"
+
+
+def _accelerator_lines(results: Path) -> list[str]:
+    """What benchmarks/device/init_gpu.py measured on a lent accelerator (beside the committed CPU results)."""
+    path = results.parent / "results-cuda" / "init-gpu" / "llama3-8b-layer.json"
+    if results.name != "results" or not path.is_file():
+        return []
+    b = json.loads(path.read_text())["run_info"]["benchmark"]
+    cpu, gpu = b["weights on cpu"], b["weights on gpu"]
+    shapes = ", ".join("×".join(map(str, s)) for s in b["shapes"])
+    return ["", (
+        f"**On an accelerator** ({b['device']}, `benchmarks/device/init_gpu.py`): one Llama-3-8B-shaped decoder "
+        f"layer in bf16, all 7 linear layers ({shapes}; random weights, so r is that of a flat spectrum: "
+        f"{', '.join(map(str, cpu['ranks']))}). The floor is 7 plain float32 `torch.linalg.svd` calls on the GPU."), "",
+        "| weights | init | floor | init / floor | bases kept on | × 32 layers (an 8B model) |",
+        "|---|---|---|---|---|---|",
+        *(f"| {where} | {r['init_s']:.2f} s | {b['floor_s']:.2f} s | {r['init_s'] / b['floor_s']:.2f} | "
+          f"{', '.join(r['bases_device'])} | {32 * r['init_s']:.0f} s |"
+          for where, r in (("on the CPU (SVDs on the GPU)", cpu), ("on the GPU", gpu))),
+        "",
+        "With the weights on the CPU, each matrix goes to the GPU and its bases come back: that copying is the "
+        "difference to the floor.",
+    ]
 
 
 def main() -> None:

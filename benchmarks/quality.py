@@ -152,8 +152,8 @@ CPU = Profile(
         ),
     },
 )
-# An accelerator scales the budget up: whole training sets, 3 epochs, the whole test sets, full resolution.
-# Untested here (no accelerator was available when it was written).
+# An accelerator scales the budget up: whole training sets, 3 epochs, the whole test sets, full resolution. Four
+# experiments share the GPU at a time (small models leave most of it idle), each with 2 CPU threads.
 CUDA = Profile(
     "cuda",
     {
@@ -163,8 +163,8 @@ CUDA = Profile(
                       dropped=plan.dropped if task == "fashion" else "")
         for task, plan in CPU.tasks.items()
     },
-    workers=1,
-    threads=0,
+    workers=4,
+    threads=2,
 )
 QUICK = Profile(
     "quick",
@@ -677,47 +677,52 @@ def verdict_text(v: dict, svfit: dict, lora: dict) -> str:
             f"{_size(svfit['file_bytes'])} vs {_size(lora['file_bytes'])}.")
 
 
-def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -> str:
-    table = load(results)
-    if not table:
-        return "## Quality\n\nNot run (`python -m benchmarks run --only quality`).\n"
-    import matplotlib
+ACCELERATOR_RESULTS = "results-cuda"  # beside benchmarks/results: what `--device cuda` measured (benchmarks/device)
+PROVENANCE = "PROVENANCE.md"  # in <results>/quality: how a run outside this machine got its model and data
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    plots.mkdir(parents=True, exist_ok=True)
-    every = [r for t in table.values() for r in t["runs"]]
-    compute = sum(r["run_info"].get("total_time", 0.0) for r in every)
-    compute += sum((t["probe"] or {}).get("run_info", {}).get("total_time", 0.0) for t in table.values())
-    profile = next((r["run_info"]["benchmark"].get("profile") for r in every), "cpu")
-    plans = {"cpu": CPU, "cuda": CUDA, "quick": QUICK}.get(profile, CPU).tasks
-    lines = ["## Quality: converged runs, SVFit vs LoRA", ""]
-    lines += [
+def _recipe(profile: str) -> str:
+    length = ("a fixed number of epochs over the whole training split" if profile == "cuda"
+              else "a fixed number of optimizer steps")
+    return (
         "Every run went through `svfit train`'s runner with one recipe (SVFIT.md §6, SVFT-Plain's): AdamW, 10% "
-        "linear warm-up then linear decay, gradient clipping at 1, no weight decay, a fixed number of optimizer "
-        "steps, and every method starting from the same probe-initialised head (LP-FT: the linear probe below, "
-        "head lr 1e-3 for every method) where the task adds a head. Each task has **one fixed test set**, the same "
-        "for every seed and method, and a validation split taken from its training data (disjoint from the test "
-        "set) that is scored every 10% of the steps. Learning rates: 5 points at ×2 spacing per tuned method, run "
-        "to full length on seed 0 (these runs are also seed 0), picked by final validation accuracy; a grid whose "
-        "best point sat at an end grew past it. Seeds 1 and 2 ran at the pick. SVFit's variants use SVFit's pick "
-        "and PiSSA uses LoRA's (its paper's protocol), for budget. Accuracy is on the test set, mean ± std over "
-        "seeds; *end gap* is the largest drop from a run's best validation accuracy to its final one (converged "
-        "runs: < 1 point); *adapter* counts trainable parameters outside the head; *file* is the saved adapter "
-        "(with the head where there is one; the whole model for full fine-tuning).",
-        "",
-        f"{len(every)} training runs and {sum(1 for t in table.values() if t['probe'])} probes: "
-        f"{_cpu_hours(every):.1f} CPU-hours (the runs' own CPU seconds, single-threaded: about half that in wall "
-        f"time on an idle 2-core machine, whose two workers run side by side), {compute / 3600:.1f} h of summed wall "
-        f"time on this shared machine (load average {_load_range(every)} during the runs). " + PAPER_CLAIM,
-        "",
-    ]
+        f"linear warm-up then linear decay, gradient clipping at 1, no weight decay, {length}, and every method "
+        "starting from the same probe-initialised head (LP-FT: the linear probe below, head lr 1e-3 for every "
+        "method) where the task adds a head. Each task has **one fixed test set**, the same for every seed and "
+        "method, and a validation split taken from its training data (disjoint from the test set) that is scored "
+        "every 10% of the steps. Learning rates: 5 points at ×2 spacing per tuned method, run to full length on "
+        "seed 0 (these runs are also seed 0), picked by final validation accuracy; a grid whose best point sat at "
+        "an end grew past it. Seeds 1 and 2 ran at the pick. SVFit's variants use SVFit's pick and PiSSA uses "
+        "LoRA's (its paper's protocol), for budget. Accuracy is on the test set, mean ± std over seeds; *end gap* "
+        "is the largest drop from a run's best validation accuracy to its final one (converged runs: < 1 point); "
+        "*adapter* counts trainable parameters outside the head; *file* is the saved adapter (with the head where "
+        "there is one; the whole model for full fine-tuning)."
+    )
+
+
+def _compute(table: dict, every: list[dict], profile: str) -> str:
+    wall = sum(r["run_info"].get("total_time", 0.0) for r in every)
+    wall += sum((t["probe"] or {}).get("run_info", {}).get("total_time", 0.0) for t in table.values())
+    head = f"{len(every)} training runs and {sum(1 for t in table.values() if t['probe'])} probes: "
+    if profile == "cuda":
+        system = every[0]["meta_info"].get("system_info", {}) if every else {}
+        return head + (f"{wall / 3600:.2f} h of summed wall time on one {system.get('accelerator', 'accelerator')} "
+                       f"({CUDA.workers} experiments sharing it at a time, {CUDA.threads} CPU threads each).")
+    return head + (f"{_cpu_hours(every):.1f} CPU-hours (the runs' own CPU seconds, single-threaded: about half that "
+                   f"in wall time on an idle 2-core machine, whose two workers run side by side), {wall / 3600:.1f} h "
+                   f"of summed wall time on this shared machine (load average {_load_range(every)} during the runs).")
+
+
+def _profile(every: list[dict]) -> str:
+    return next((r["run_info"]["benchmark"].get("profile") for r in every), "cpu")
+
+
+def _summary(table: dict, plans: dict) -> tuple[list[str], dict]:
+    """The one-line-per-task table, and each task's (verdict, floor)."""
     summary = ["| task | probe (floor) | SVFit | SVFit full | LoRA r=8 | full FT (ceiling) | SVFit − LoRA [95% CI] "
                "| McNemar p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
-    body = []
+    verdicts = {}
     for task, t in table.items():
-        plan = plans.get(task)
         rows = t["rows"]
         floor = max((p["test accuracy"] for p in (t["probe"] or {}).get("train_info", {}).get("probes", [])),
                     default=float("nan"))
@@ -734,9 +739,56 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
         p = f"{v['p']:.2g}" if "p" in v and not math.isnan(v["p"]) else "—"
         summary.append(f"| {task} | {_pct(floor)} | {cell('svfit')} | {cell('svfit-full')} | {cell('lora')} | "
                        f"{cell('full')} | {ci} | {p} | {v['status']} |")
-        body += _task_section(task, t, plan, v, floor, plt, plots, link_prefix)
-    lines += ["Test accuracy in %, mean ± std (seeds):", "", *summary, "", *body]
+        verdicts[task] = (v, floor)
+    return summary, verdicts
+
+
+def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -> str:
+    table = load(results)
+    accelerator = _accelerator_lines(results)
+    if not table:
+        return "## Quality\n\nNot run (`python -m benchmarks run --only quality`).\n" + "\n".join(accelerator)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    every = [r for t in table.values() for r in t["runs"]]
+    profile = _profile(every)
+    plans = {"cpu": CPU, "cuda": CUDA, "quick": QUICK}.get(profile, CPU).tasks
+    lines = ["## Quality: converged runs, SVFit vs LoRA", "", _recipe(profile), "",
+             _compute(table, every, profile) + " " + PAPER_CLAIM, ""]
+    provenance = results / "quality" / PROVENANCE
+    if provenance.is_file():
+        lines += [provenance.read_text().strip(), ""]
+    summary, verdicts = _summary(table, plans)
+    body = []
+    for task, t in table.items():
+        v, floor = verdicts[task]
+        body += _task_section(task, t, plans.get(task), v, floor, plt, plots, link_prefix)
+    lines += ["Test accuracy in %, mean ± std (seeds):", "", *summary, "", *accelerator, *body]
     return "\n".join(lines) + "\n"
+
+
+def _accelerator_lines(results: Path) -> list[str]:
+    """For the committed CPU results: the summary of what the accelerator profile measured, beside them."""
+    other = results.parent / ACCELERATOR_RESULTS
+    if results.name != "results" or not (other / "quality").is_dir():
+        return []
+    table = load(other)
+    every = [r for t in table.values() for r in t["runs"]]
+    if not every:
+        return []
+    summary, _ = _summary(table, CUDA.tasks)
+    provenance = other / "quality" / PROVENANCE
+    return [
+        "**The same benchmark on an accelerator** (`--device cuda`: whole training splits, 3 epochs, batch 32, "
+        f"the whole test split), in `benchmarks/{ACCELERATOR_RESULTS}/` (full tables and curves in its "
+        "BENCHMARKS.md). " + _compute(table, every, "cuda"), "",
+        *([provenance.read_text().strip(), ""] if provenance.is_file() else []),
+        *summary, "",
+    ]
 
 
 def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]:

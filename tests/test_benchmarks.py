@@ -110,3 +110,23 @@ def test_grid_pick_and_edges():
     tie = [(1e-4, 0.8, 0.5, "success"), (2e-4, 0.8, 0.4, "success"), (4e-4, float("nan"), float("nan"), "diverged")]
     assert choose(tie) == (2e-4, False)
     assert choose([(1e-4, 0.5, 0.5, "success")]) == (1e-4, False)  # one point has no ends
+
+
+def test_the_report_shows_the_accelerator_results_beside_the_cpu_ones(tmp_path):
+    """benchmarks/results-cuda (what benchmarks/device/run.sh measured) is summarised in the committed report's
+    quality and init sections, with its provenance; another results folder does not pick it up."""
+    import shutil
+    from pathlib import Path
+
+    from benchmarks import init, quality
+
+    committed = Path(__file__).resolve().parent.parent / "benchmarks" / "results-cuda"
+    shutil.copytree(committed, tmp_path / "results-cuda")
+    (tmp_path / "results").mkdir()
+    text = quality.section(tmp_path / "results", tmp_path / "plots")
+    assert "The same benchmark on an accelerator" in text and "carried there in float16" in text
+    sentiment = next(line for line in text.splitlines() if line.startswith("| sentiment |"))
+    assert sentiment.endswith("| loses |")
+    assert "On an accelerator" in init.section(tmp_path / "results", tmp_path / "plots")
+    (tmp_path / "other").mkdir()
+    assert "accelerator" not in quality.section(tmp_path / "other", tmp_path / "plots")

@@ -60,7 +60,8 @@ def rank_for_threshold(S: torch.Tensor, threshold: float, information: Informati
     if share.numel() == 0 or share[-1] <= 0:
         return 0
     # a tiny slack so that threshold=1.0 is met despite rounding in the cumulative sum
-    k = int(torch.searchsorted(share, torch.tensor(threshold - 1e-12, dtype=share.dtype)).item()) + 1
+    target = torch.tensor(threshold - 1e-12, dtype=share.dtype, device=share.device)
+    k = int(torch.searchsorted(share, target).item()) + 1
     return min(k, S.numel())
 
 
