@@ -135,12 +135,14 @@ def test_every_recomputed_module_stays_within_the_bound_on_another_lapack(tmp_pa
 
 @pytest.mark.parametrize("size", [1e-3, 1e-4])
 @pytest.mark.parametrize("bases", ["auto", "both"])
-def test_autocast_keeps_a_small_update(size, bases):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_autocast_keeps_a_small_update(size, bases, device):
     """Under bf16 autocast with float32 weights, a merged weight rounds W0 + Delta W to bf16 and loses an update
     smaller than W0's rounding; ``auto`` must keep it as well as the reference side branch does."""
     torch.manual_seed(0)
-    base = nn.Linear(256, 256)
-    x = torch.randn(64, 256)
+    base = nn.Linear(256, 256).to(device)
+    x = torch.randn(64, 256).to(device)
 
     def update_error(path):
         model = get_peft_model(nn.Sequential(base), svfit.SVFitConfig(target_modules=["0"], compute_path=path,
@@ -148,9 +150,10 @@ def test_autocast_keeps_a_small_update(size, bases):
         layer = _layers(model)["0"]
         with torch.no_grad():
             sigma = layer.svfit_sigma["default"]
-            layer.svfit_vector["default"].copy_(size * sigma * torch.randn(sigma.shape) / layer.svfit_unit["default"])
+            noise = torch.randn(sigma.shape).to(sigma.device)
+            layer.svfit_vector["default"].copy_(size * sigma * noise / layer.svfit_unit["default"])
             exact = model(x) - base(x)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 used = layer.compute_path_for(x)[0]
                 got = model(x).float() - base(x).float()
         return float((got - exact).norm() / exact.norm()), used

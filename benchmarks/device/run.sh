@@ -31,7 +31,7 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 echo "== setup took $(( $(date +%s) - start )) s"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_drift.py > "$OUT/test_cuda.log" 2>&1
 grep -E "^(E  |FAILED|ERROR)|passed|failed" "$OUT/test_cuda.log" | head -60
 echo "== tests done at $(( $(date +%s) - start )) s"
 
