@@ -71,7 +71,8 @@ def run(
     device: str = typer.Option("cpu", help="quality: cpu (the 2-core budget) or cuda (whole training sets, more "
                                "epochs; untested)"),
     results: Optional[Path] = typer.Option(
-        None, help="Where the JSON results go (default: benchmarks/results, or benchmarks/results-quick with --quick)"
+        None, help="Where the JSON results go (default: benchmarks/results; benchmarks/results-quick with --quick, "
+        "benchmarks/results-cuda with --device cuda)"
     ),
     report_to: Optional[Path] = typer.Option(
         None, "--report", help="Markdown report to write afterwards (default: BENCHMARKS.md beside the repository's "
@@ -84,7 +85,9 @@ def run(
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
     if results is None:  # quick results must never mix into the real ones
-        results = HERE / "results-quick" if quick else RESULTS
+        from benchmarks.quality import ACCELERATOR_RESULTS
+
+        results = HERE / "results-quick" if quick else HERE / ACCELERATOR_RESULTS if device == "cuda" else RESULTS
     results.mkdir(parents=True, exist_ok=True)
     timings = {}
     for part in parts:

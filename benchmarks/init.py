@@ -269,24 +269,27 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
 
 def _accelerator_lines(results: Path) -> list[str]:
     """What benchmarks/device/init_gpu.py measured on a lent accelerator (beside the committed CPU results)."""
-    path = results.parent / "results-cuda" / "init-gpu" / "llama3-8b-layer.json"
-    if results.name != "results" or not path.is_file():
+    committed = Path(__file__).resolve().parent / "results"
+    path = committed.parent / "results-cuda" / "init-gpu" / "llama3-8b-layer.json"
+    if results.resolve() != committed.resolve() or not path.is_file():
         return []
     b = json.loads(path.read_text())["run_info"]["benchmark"]
     cpu, gpu = b["weights on cpu"], b["weights on gpu"]
     shapes = ", ".join("×".join(map(str, s)) for s in b["shapes"])
     return ["", (
-        f"**On an accelerator** ({b['device']}, `benchmarks/device/init_gpu.py`): one Llama-3-8B-shaped decoder "
-        f"layer in bf16, all 7 linear layers ({shapes}; random weights, so r is that of a flat spectrum: "
-        f"{', '.join(map(str, cpu['ranks']))}). The floor is 7 plain float32 `torch.linalg.svd` calls on the GPU."), "",
+        f"**On an accelerator** ({b['device']}, `benchmarks/device/init_gpu.py`, one sample each, not a median): one "
+        f"Llama-3-8B-shaped decoder layer in bf16, all 7 linear layers ({shapes}; random weights, so r is that of a "
+        f"flat spectrum: {', '.join(map(str, cpu['ranks']))}, and the GPU's iterative SVD may take another time on "
+        "a trained checkpoint's spectrum). The floor is 7 plain float32 `torch.linalg.svd` calls on the GPU, each "
+        "matrix copied there from the CPU first."), "",
         "| weights | init | floor | init / floor | bases kept on | × 32 layers (an 8B model) |",
         "|---|---|---|---|---|---|",
         *(f"| {where} | {r['init_s']:.2f} s | {b['floor_s']:.2f} s | {r['init_s'] / b['floor_s']:.2f} | "
           f"{', '.join(r['bases_device'])} | {32 * r['init_s']:.0f} s |"
           for where, r in (("on the CPU (SVDs on the GPU)", cpu), ("on the GPU", gpu))),
         "",
-        "With the weights on the CPU, each matrix goes to the GPU and its bases come back: that copying is the "
-        "difference to the floor.",
+        "Beyond the floor, SVFit's init fingerprints each weight, selects the rank and stores the bases (on the CPU "
+        "for CPU weights: they are copied back).",
     ]
 
 

@@ -152,8 +152,9 @@ CPU = Profile(
         ),
     },
 )
-# An accelerator scales the budget up: whole training sets, 3 epochs, the whole test sets, full resolution. Four
-# experiments share the GPU at a time (small models leave most of it idle), each with 2 CPU threads.
+# An accelerator scales the budget up: whole training sets, 3 epochs, the whole test sets, full resolution. Up to four
+# experiments share the GPU at a time (small models leave most of it idle), each with 2 CPU threads (profile_for
+# lowers the count on a machine with fewer than 8 cores). Measured on sentiment only (benchmarks/results-cuda).
 CUDA = Profile(
     "cuda",
     {
@@ -185,7 +186,10 @@ def profile_for(quick: bool, device: str) -> Profile:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible")
-        return CUDA
+        import os
+
+        # up to 4 experiments share the GPU, 2 CPU threads each, never more threads than the machine has cores
+        return replace(CUDA, workers=max(1, min(CUDA.workers, (os.cpu_count() or 2) // CUDA.threads)))
     if device != "cpu":
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     return CPU
@@ -270,6 +274,8 @@ def _execute(job: Job, load_before: float) -> str:
         result = _failed(config, str(exc), "diverged")
     except SVFitUserError as exc:  # e.g. PEFT's PiSSA on Conv2d targets
         result = _failed(config, str(exc), "unsupported")
+    except torch.cuda.OutOfMemoryError as exc:  # recorded (and reported) rather than ending the whole benchmark
+        result = _failed(config, str(exc), "out of memory")
     finally:
         shutil.rmtree(config.out, ignore_errors=True)  # run dirs can hold a whole model; the JSON is the record
     # CPU seconds of this process: what the run costs on an idle machine, whatever else shared the cores
@@ -677,7 +683,8 @@ def verdict_text(v: dict, svfit: dict, lora: dict) -> str:
             f"{_size(svfit['file_bytes'])} vs {_size(lora['file_bytes'])}.")
 
 
-ACCELERATOR_RESULTS = "results-cuda"  # beside benchmarks/results: what `--device cuda` measured (benchmarks/device)
+COMMITTED = Path(__file__).resolve().parent / "results"  # the committed CPU results
+ACCELERATOR_RESULTS = "results-cuda"  # beside them: what `--device cuda` measured (benchmarks/device)
 PROVENANCE = "PROVENANCE.md"  # in <results>/quality: how a run outside this machine got its model and data
 
 
@@ -706,8 +713,9 @@ def _compute(table: dict, every: list[dict], profile: str) -> str:
     head = f"{len(every)} training runs and {sum(1 for t in table.values() if t['probe'])} probes: "
     if profile == "cuda":
         system = every[0]["meta_info"].get("system_info", {}) if every else {}
+        threads = sorted({r["run_info"]["benchmark"].get("torch_threads") for r in every} - {None})
         return head + (f"{wall / 3600:.2f} h of summed wall time on one {system.get('accelerator', 'accelerator')} "
-                       f"({CUDA.workers} experiments sharing it at a time, {CUDA.threads} CPU threads each).")
+                       f"(experiments sharing it, {'/'.join(map(str, threads)) or '?'} CPU threads each).")
     return head + (f"{_cpu_hours(every):.1f} CPU-hours (the runs' own CPU seconds, single-threaded: about half that "
                    f"in wall time on an idle 2-core machine, whose two workers run side by side), {wall / 3600:.1f} h "
                    f"of summed wall time on this shared machine (load average {_load_range(every)} during the runs).")
@@ -717,7 +725,7 @@ def _profile(every: list[dict]) -> str:
     return next((r["run_info"]["benchmark"].get("profile") for r in every), "cpu")
 
 
-def _summary(table: dict, plans: dict) -> tuple[list[str], dict]:
+def _summary(table: dict) -> tuple[list[str], dict]:
     """The one-line-per-task table, and each task's (verdict, floor)."""
     summary = ["| task | probe (floor) | SVFit | SVFit full | LoRA r=8 | full FT (ceiling) | SVFit − LoRA [95% CI] "
                "| McNemar p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
@@ -762,7 +770,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     provenance = results / "quality" / PROVENANCE
     if provenance.is_file():
         lines += [provenance.read_text().strip(), ""]
-    summary, verdicts = _summary(table, plans)
+    summary, verdicts = _summary(table)
     body = []
     for task, t in table.items():
         v, floor = verdicts[task]
@@ -771,21 +779,29 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     return "\n".join(lines) + "\n"
 
 
+def _budget(runs: list[dict]) -> str:
+    """What the runs' recorded settings were, in words (e.g. "whole training splits, 3 epochs, batch 32")."""
+    tc = runs[0]["run_info"]["train_config"]
+    length = f"{tc['steps']} steps" if tc.get("steps") else f"{tc['epochs']:g} epochs"
+    split = "whole training splits" if tc.get("train_limit", 0) >= EVERYTHING else f"{tc['train_limit']} examples"
+    return f"{split}, {length}, batch {tc['batch_size']}"
+
+
 def _accelerator_lines(results: Path) -> list[str]:
     """For the committed CPU results: the summary of what the accelerator profile measured, beside them."""
-    other = results.parent / ACCELERATOR_RESULTS
-    if results.name != "results" or not (other / "quality").is_dir():
+    other = COMMITTED.parent / ACCELERATOR_RESULTS
+    if results.resolve() != COMMITTED.resolve() or not (other / "quality").is_dir():
         return []
     table = load(other)
     every = [r for t in table.values() for r in t["runs"]]
     if not every:
         return []
-    summary, _ = _summary(table, CUDA.tasks)
+    summary, _ = _summary(table)
     provenance = other / "quality" / PROVENANCE
     return [
-        "**The same benchmark on an accelerator** (`--device cuda`: whole training splits, 3 epochs, batch 32, "
-        f"the whole test split), in `benchmarks/{ACCELERATOR_RESULTS}/` (full tables and curves in its "
-        "BENCHMARKS.md). " + _compute(table, every, "cuda"), "",
+        f"**The same benchmark on an accelerator** (`--device cuda`: {_budget(every)}), in "
+        f"`benchmarks/{ACCELERATOR_RESULTS}/` (full tables and curves in its BENCHMARKS.md). "
+        + _compute(table, every, "cuda"), "",
         *([provenance.read_text().strip(), ""] if provenance.is_file() else []),
         *summary, "",
     ]
@@ -811,9 +827,14 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
                    f"tasks with runs. `python -m benchmarks run --only quality --task {task}` runs them (existing results are "
                    "kept).")
     if runs:
-        out.append(f"Compute: {len(runs)} runs, {_cpu_hours(runs):.1f} CPU-hours, "
-                   f"{sum(r['run_info'].get('total_time', 0.0) for r in runs) / 3600:.1f} h summed wall time "
-                   f"(load average {_load_range(runs)}).")
+        if _profile(runs) == "cuda":
+            out.append(f"Compute: {len(runs)} runs, "
+                       f"{sum(r['run_info'].get('total_time', 0.0) for r in runs) / 3600:.2f} h summed wall time on "
+                       f"the accelerator.")
+        else:
+            out.append(f"Compute: {len(runs)} runs, {_cpu_hours(runs):.1f} CPU-hours, "
+                       f"{sum(r['run_info'].get('total_time', 0.0) for r in runs) / 3600:.1f} h summed wall time "
+                       f"(load average {_load_range(runs)}).")
     if plan is not None and plan.dropped:
         out.append(f"Dropped: {plan.dropped}")
     out.append("")

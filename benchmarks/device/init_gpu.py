@@ -1,8 +1,9 @@
 """SVFit's start-up on an accelerator for one Llama-3-8B-shaped decoder layer (hidden 4096, MLP 14336, 32 query and
 8 key/value heads, bf16): ``get_peft_model`` on all seven linear layers with the weights on the CPU (the SVDs run on
 the GPU, ``svd_device="auto"``) and with the layer on the GPU, against the floor of seven plain float32
-``torch.linalg.svd`` calls on the GPU. Weights are random (no 8B checkpoint fits on the device tool), so r is that of
-a flat spectrum; the SVD's cost does not depend on the values. Prints one JSON line.
+``torch.linalg.svd`` calls on the GPU (each matrix copied there first). Weights are random (no 8B checkpoint fits on
+the device tool), so r is that of a flat spectrum, and the GPU's iterative SVD may take another time on a trained
+spectrum. One sample of each. Prints one JSON line.
 
 ``python -m benchmarks.device.init_gpu [--small] [--out FILE]`` (``--small``: a 256-wide layer, to check the script on
 a CPU; ``--out``: also write the result there, as the init benchmark's report reads it)."""

@@ -6,7 +6,8 @@
 #   3. SVFit's start-up on one Llama-3-8B-shaped layer (benchmarks/device/init_gpu.py).
 # Needs `python -m benchmarks.device.bundle` first (the .dev/ folder, carried). Writes logs and a tarball of the
 # results to $OUT. QUALITY_S caps the quality part (default 300 s).
-set -u
+set -u -o pipefail
+status=0
 OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
@@ -31,15 +32,19 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 echo "== setup took $(( $(date +%s) - start )) s"
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_drift.py > "$OUT/test_cuda.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_drift.py \
+  > "$OUT/test_cuda.log" 2>&1 || status=1
 grep -E "^(E  |FAILED|ERROR)|passed|failed" "$OUT/test_cuda.log" | head -60
 echo "== tests done at $(( $(date +%s) - start )) s"
 
-[ "${QUALITY_S:-300}" = 0 ] || timeout "${QUALITY_S:-300}" python3 -m benchmarks run --only quality --task sentiment --device cuda \
-  --results benchmarks/results-cuda 2>&1 | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/quality.log"
+if [ "${QUALITY_S:-300}" != 0 ]; then  # results go to benchmarks/results-cuda (--device cuda's default)
+  timeout "${QUALITY_S:-300}" python3 -m benchmarks run --only quality --task sentiment --device cuda 2>&1 \
+    | grep -v -E "FutureWarning|warnings.warn" | tee "$OUT/quality.log" || status=1
+fi
 echo "== quality done at $(( $(date +%s) - start )) s"
 
-timeout "${INIT_S:-80}" python3 -m benchmarks.device.init_gpu --out benchmarks/results-cuda/init-gpu/llama3-8b-layer.json \
-  2>&1 | tail -5 | tee "$OUT/init_gpu.log"
+timeout "${INIT_S:-80}" python3 -m benchmarks.device.init_gpu \
+  --out benchmarks/results-cuda/init-gpu/llama3-8b-layer.json 2>&1 | tail -5 | tee "$OUT/init_gpu.log" || status=1
 tar czf "$OUT/results-cuda.tgz" benchmarks/results-cuda
 echo "== all done at $(( $(date +%s) - start )) s"
+exit $status
