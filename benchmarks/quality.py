@@ -210,11 +210,13 @@ def run(out: Path, quick: bool, tasks: Optional[list[str]] = None, log: Callable
         for task in order:  # the verdict: SVFit and LoRA tuned, 3 seeds each; SVFit full spectrum
             bench.tune(task, ["svfit", "lora"])
             bench.seeds(task, [n for n in ("svfit", "lora", "svfit-full") if n in profile.tasks[task].variants])
+        for task in order:  # more seeds where 3 neither resolve nor bound the verdict
+            bench.extra_seeds(task)
         for task in order:  # the other rows: the ceiling's grid, then the variants
             variants = profile.tasks[task].variants
             bench.tune(task, [n for n in ("full",) if n in variants],
                        extra=[n for n in variants if n not in ("svfit", "lora", "svfit-full", "full")])
-        for task in order:  # more seeds where 3 neither resolve nor bound the verdict; why SVFit trails; ceiling seeds
+        for task in order:  # why SVFit trails; the ceiling's seeds
             bench.more(task)
     finally:
         bench.close()
@@ -433,13 +435,18 @@ class Bench:
     def seeds(self, task: str, names: list[str], seeds: Optional[tuple] = None) -> None:
         self.submit([job for n in names for job in self.seed_jobs(task, n, seeds)])
 
+    def extra_seeds(self, task: str) -> None:
+        """Seeds 3 and 4 for SVFit and LoRA where 3 seeds neither resolve nor bound the verdict."""
+        rows = load(self.root.parent).get(task, {}).get("rows", {})
+        if self.profile.extra_seeds and "svfit" in rows and "lora" in rows \
+                and verdict(rows["svfit"], rows["lora"])["status"] == "unresolved":
+            self.submit([j for n in ("svfit", "lora") for j in self.seed_jobs(task, n, self.profile.extra_seeds)])
+
     def more(self, task: str) -> None:
         plan = self.profile.tasks[task]
         rows = load(self.root.parent).get(task, {}).get("rows", {})
         jobs = []
         if "svfit" in rows and "lora" in rows:
-            if self.profile.extra_seeds and verdict(rows["svfit"], rows["lora"])["status"] == "unresolved":
-                jobs += [j for n in ("svfit", "lora") for j in self.seed_jobs(task, n, self.profile.extra_seeds)]
             if plan.ablation and rows["svfit"]["mean"] < rows["lora"]["mean"]:  # SVFit trails: find out why
                 jobs += [j for n in ABLATIONS for j in self.seed_jobs(task, n, (self.profile.seeds[0],))]
         if "full" in plan.variants:

@@ -4,12 +4,14 @@ RELOAD_DRIFT_BOUND after another LAPACK recomputes the bases, exact where the ba
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import svfit
 from svfit.core import spectrum
 from svfit.core.drift import RELOAD_DRIFT_BOUND, reload_drift
 from svfit.tuner import SVFitLayer
+from test_tuner import perturb
 
 
 def _matrix(d_out, d_in, seed, planted_gap=None):
@@ -107,18 +109,22 @@ def test_the_estimate_bounds_the_drift_of_a_float64_recomputation():
 
 def test_near_degenerate_pairs_save_their_bases_and_reload_exactly_elsewhere(tmp_path, monkeypatch):
     """A kept pair 3e-6 apart (relative to sigma_1) whose shifts training moved apart: recomputed elsewhere, its
-    singular vectors would rotate and move Delta W by ~1e-2. That module carries its bases; the others recompute
-    within the bound."""
+    singular vectors would rotate and move Delta W by ~1e-2. That module carries those two singular vectors (not
+    its whole basis); everything else recomputes within the bound."""
     model = _trained(planted_gap=3e-6)
     needs = {name: layer.needs_saved_bases("default") for name, layer in _layers(model).items()}
     assert needs == {"a": False, "b": True, "c": False}
+    assert _layers(model)["b"].saved_columns("default").tolist() == [4, 5]  # the planted pair
     model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    carried = {k: tuple(v.shape) for k, v in saved.items() if ".svfit_U" in k or ".svfit_V" in k}
+    assert carried == {"base_model.model.b.svfit_U": (40, 2)}  # b (40 x 56) keeps U, its smaller side
+    assert saved["base_model.model.b.svfit_columns"].tolist() == [4, 5]
     _float64_svd(monkeypatch)
     drifts = _drifts(model, PeftModel.from_pretrained(_Net(planted_gap=3e-6), tmp_path))
-    assert drifts["b"] < 1e-6  # the saved bases
-    assert max(drifts["a"], drifts["c"]) <= RELOAD_DRIFT_BOUND
+    assert max(drifts.values()) <= RELOAD_DRIFT_BOUND
     # without its bases, the planted module would have drifted past the bound: the test can fail
-    monkeypatch.setattr(SVFitLayer, "needs_saved_bases", lambda self, name: False)
+    monkeypatch.setattr(SVFitLayer, "saved_columns", lambda self, name: None)
     model.save_pretrained(tmp_path / "no-bases")
     assert _drifts(model, PeftModel.from_pretrained(_Net(planted_gap=3e-6), tmp_path / "no-bases"))["b"] > \
         RELOAD_DRIFT_BOUND
@@ -188,3 +194,46 @@ def test_half_precision_weights_keep_the_update_on_the_one_basis_paths_as_the_re
             exact = x.float() @ layer._delta_matrix("default").T
             errors[p] = float(((model(x).float() - base(x).float()) - exact).norm() / exact.norm())
     assert errors[path] <= (1.1 if path == "output" else 2.0) * errors["reference"]
+
+
+class _ConvNet(nn.Module):
+    """1x1 convolutions (two stored bases), one with a planted near-repeated pair."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(16, 24, 1), nn.Conv2d(24, 16, 1)
+        with torch.no_grad():
+            self.a.weight.copy_(_matrix(24, 16, 4, planted_gap=3e-6)[:, :, None, None])
+            self.b.weight.copy_(_matrix(16, 24, 5)[:, :, None, None])
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_a_convolution_carries_only_the_columns_it_needs_in_both_bases(tmp_path, monkeypatch):
+    model = get_peft_model(_ConvNet(), svfit.SVFitConfig(target_modules=["a", "b"]))
+    perturb(model, scale=0.3)
+    cols = _layers(model)["a"].saved_columns("default")
+    assert cols is not None and 0 < cols.numel() <= 4 and _layers(model)["b"].saved_columns("default") is None
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert tuple(saved["base_model.model.a.svfit_U"].shape) == (24, cols.numel())
+    assert tuple(saved["base_model.model.a.svfit_V"].shape) == (16, cols.numel())
+    _float64_svd(monkeypatch)
+    loaded = PeftModel.from_pretrained(_ConvNet(), tmp_path)
+    assert max(_drifts(model, loaded).values()) <= RELOAD_DRIFT_BOUND
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_carried_columns_that_do_not_fit_are_a_corrupt_file(tmp_path):
+    model = _trained(planted_gap=3e-6)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    saved = load_file(path)
+    saved["base_model.model.b.svfit_columns"] = torch.tensor([4, 99])
+    save_file(saved, path)
+    with pytest.raises(ValueError, match=r"carried singular vectors of '(base_model\.model\.)?b'.*corrupt file"):
+        PeftModel.from_pretrained(_Net(planted_gap=3e-6), tmp_path)

@@ -70,9 +70,10 @@ class SVFitConfig(PeftConfig):
     Storage:
         save_bases: ``False`` (default) saves only the trained singular values (plus the ranks and base-weight
             fingerprints in the config) and recomputes U_r, V_r at load; ``True`` also saves U_r, V_r and sigma_r
-            (a LoRA-sized file, exact on any hardware, no SVD needed with ``low_cpu_mem_usage=True``). Modules whose
-            kept spectrum has (near-)repeated singular values always save their bases, since their singular vectors
-            are not unique.
+            (a LoRA-sized file, exact on any hardware, no SVD needed with ``low_cpu_mem_usage=True``). A module
+            whose kept spectrum has (near-)repeated singular values that training moved apart always saves the
+            singular vectors another SVD could rotate (``svfit.core.drift.columns_to_save``), since they are not
+            unique.
         bases: ``"auto"`` (default) stores only the basis of each Linear's smaller side (V_r, or U_r when
             d_out < d_in) wherever the kept spectrum is well conditioned, since W0 V_r = U_r diag(sigma_r) gives the
             other exactly (to 1e-6 relative in float32); ``"both"`` stores U_r and V_r. Other layer types and

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core import paths
 from ..core.fingerprint import Fingerprint
-from ..core.drift import RELOAD_DRIFT_BOUND, reload_drift
+from ..core.drift import RELOAD_DRIFT_BOUND, columns_to_save, reload_drift
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
 from ..core.spectrum import SVD_DTYPES
 from .factorization import Factorization, factorize_modules, shift_unit, skips_svd, weight_matrix
@@ -53,8 +53,18 @@ class SpectrumInfo:
         return reload_drift(self.spectrum, shift, self.svd_dtype)
 
     def needs_bases(self, shift: torch.Tensor) -> bool:
-        """Whether a saved adapter must carry this module's bases to reload within ``RELOAD_DRIFT_BOUND``."""
+        """Whether a saved adapter must carry (some of) this module's singular vectors to reload within
+        ``RELOAD_DRIFT_BOUND``."""
         return self.reload_drift(shift) > RELOAD_DRIFT_BOUND
+
+    def saved_columns(self, shift: torch.Tensor) -> Optional[torch.Tensor]:
+        """Which kept singular vectors a saved adapter carries (``svfit.core.drift.columns_to_save``): None for
+        none, all r where the drift cannot be estimated (randomized SVD, bases that came from a file)."""
+        if not self.needs_bases(shift):
+            return None
+        if self.randomized or self.spectrum is None:
+            return torch.arange(self.r)
+        return columns_to_save(self.spectrum, shift, self.svd_dtype)
 
 
 class SVFitLayer(BaseTunerLayer):
@@ -204,6 +214,11 @@ class SVFitLayer(BaseTunerLayer):
     def needs_saved_bases(self, adapter_name: str) -> bool:
         """Whether a checkpoint of this adapter must carry this module's bases (see ``SpectrumInfo.needs_bases``)."""
         return self.svfit_info[adapter_name].needs_bases(self.singular_value_shift(adapter_name).detach())
+
+    def saved_columns(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The kept singular vectors a checkpoint of this adapter carries (None: none; see
+        ``SpectrumInfo.saved_columns``)."""
+        return self.svfit_info[adapter_name].saved_columns(self.singular_value_shift(adapter_name).detach())
 
     def placeholder_bases(self, adapter_name: str) -> bool:
         return adapter_name in self._placeholders

@@ -22,12 +22,13 @@ from ..core.fingerprint import from_row as from_fingerprint_row
 from ..core.fingerprint import to_row as to_fingerprint_row
 from .config import SVFitConfig
 from .factorization import factorize_modules, layer_kind, shift_unit, skips_svd
-from .guards import BaseWeightMismatchError, check_supported_weight
+from .guards import BaseWeightMismatchError, check_supported_weight, is_dtensor
 from .layer import SVFitLayer, dispatch, put_frozen
 from .summary import ModuleSummary, summarize
 
 _BASES_ATTRS = ("basis_U", "basis_V", "svfit_sigma", "svfit_U", "svfit_V")  # in memory; in files: svfit_U/V
 _FILE_TO_MODEL = {"svfit_U": "basis_U", "svfit_V": "basis_V"}
+COLUMNS = "svfit_columns"  # in files: which kept singular vectors a module's saved svfit_U/V hold
 FINGERPRINT_KEY = "svfit_base_fingerprints"  # one uint8 table per adapter file (see _get_adapter_state_dict)
 
 
@@ -240,14 +241,16 @@ class SVFitModel(BaseTuner):
         save_all = getattr(config, "save_bases", False)
         # By default the file holds the trained vectors only; the bases are recomputed from the base weights at
         # load. Modules whose recomputation could drift by more than the bound (SpectrumInfo.needs_bases: nearly
-        # repeated singular values that training moved apart) keep theirs; save_bases=True
+        # repeated singular values that training moved apart) carry the singular vectors that could move
+        # (SpectrumInfo.saved_columns); save_bases=True
         # keeps both bases of every module (a one-basis layer forms the other from W0), which is what makes a load
         # onto a copy of the base in another dtype exact.
         out = {k: v for k, v in selected.items() if _bases_owner(k) is None}
         for name, module in model.named_modules():
             if not isinstance(module, SVFitLayer) or adapter_name not in module.svfit_info:
                 continue
-            if not (save_all or module.needs_saved_bases(adapter_name)):
+            columns = None if save_all else module.saved_columns(adapter_name)
+            if not save_all and columns is None:
                 continue
             prefix = f"{name}." if name else ""
             bases = dict(zip(("U", "V"), module.dense_bases(adapter_name))) if save_all else {
@@ -256,8 +259,17 @@ class SVFitModel(BaseTuner):
             }
             stored_dtype = next(iter(p for p in (module.basis_U.get(adapter_name), module.basis_V.get(adapter_name))
                                      if p is not None)).dtype
+            # only the singular vectors that a recomputation could move too far (often a few near the rank's cut or
+            # a near-repeated pair), unless that is most of them; the load splices them into the recomputed bases
+            partial = (columns is not None and columns.numel() < module.svfit_info[adapter_name].r
+                       and not any(is_dtensor(t) for t in bases.values()))
             for side, tensor in bases.items():
-                out[f"{prefix}svfit_{side}.{adapter_name}"] = tensor.detach().to(stored_dtype)
+                tensor = tensor.detach()
+                if partial:
+                    tensor = tensor[:, columns.to(tensor.device)].contiguous()
+                out[f"{prefix}svfit_{side}.{adapter_name}"] = tensor.to(stored_dtype)
+            if partial:
+                out[f"{prefix}{COLUMNS}.{adapter_name}"] = columns.to(torch.int64).cpu()
             out[f"{prefix}svfit_sigma.{adapter_name}"] = module.svfit_sigma[adapter_name]
         # one table of the base weights' fingerprints, rows in the sorted order of the modules' vector keys, so that
         # every load path checks the base, whatever config object it is handed
@@ -281,6 +293,9 @@ class SVFitModel(BaseTuner):
         # files name the bases svfit_U / svfit_V; in memory they are the frozen parameters basis_U / basis_V
         state_dict = {_model_key(k): v for k, v in state_dict.items()}
         table = state_dict.pop(FINGERPRINT_KEY, None)
+        # modules that carry only some singular vectors: {file's module name: column indices}
+        columns = {k.rsplit(f".{COLUMNS}", 1)[0] if "." in k else "": state_dict.pop(k)
+                   for k in [k for k in state_dict if k == COLUMNS or k.endswith(f".{COLUMNS}")]}
         recorded = {}
         if table is not None:
             owners = sorted(k.rsplit(".svfit_vector", 1)[0] for k in state_dict if k.endswith(".svfit_vector"))
@@ -304,6 +319,7 @@ class SVFitModel(BaseTuner):
             if sigma is not None and module.placeholder_bases(adapter_name):
                 # a low_cpu_mem_usage load that skipped the SVD: store the bases the trained layer stored
                 module.keep_bases(adapter_name, sigma, config)
+            carried = _row_for(columns, name)
             for attr in ("basis_U", "basis_V", "svfit_sigma"):
                 key = f"{prefix}{attr}.{adapter_name}"
                 container = getattr(module, attr)
@@ -312,6 +328,8 @@ class SVFitModel(BaseTuner):
                 elif key not in remapped and container[adapter_name].device.type != "meta":
                     # recomputed at injection: present it as loaded, so that PEFT reports no missing key
                     remapped[key] = container[adapter_name]
+                elif carried is not None and attr != "svfit_sigma" and key in remapped:
+                    remapped[key] = _splice(container[adapter_name], remapped[key], carried, name)
         # saved bases of sides no layer stores (a save_bases checkpoint on one-basis layers)
         remapped = {k: v for k, v in remapped.items() if not k.endswith((".basis_U", ".basis_V"))}
         return remapped
@@ -438,8 +456,6 @@ def _shard_like_their_bases(model: nn.Module) -> None:
     """An SVFit layer whose base weight FSDP2 already shards becomes an FSDP2 unit of its own on the same mesh, so
     that its singular values and bases are sharded too and their gradients reduced across ranks (the base's
     parameters stay with the unit that owns them)."""
-    from .guards import is_dtensor
-
     for module in model.modules():
         if not isinstance(module, SVFitLayer):
             continue
@@ -570,6 +586,19 @@ def _check_adapter_name(adapter_name: str, prefix: str) -> None:
             f"Adapter name {adapter_name!r} is not allowed with SVFit (it collides with the parameter prefix "
             f"'{prefix}' or the reserved '__base__'); choose another name."
         )
+
+
+def _splice(recomputed: torch.Tensor, saved: torch.Tensor, columns: torch.Tensor, module: str) -> torch.Tensor:
+    """The recomputed basis with the checkpoint's carried singular vectors in their columns."""
+    columns = columns.to(torch.int64)
+    r = recomputed.shape[1]
+    if (saved.dim() != 2 or saved.shape[0] != recomputed.shape[0] or saved.shape[1] != columns.numel()
+            or columns.dim() != 1 or (columns.numel() and (int(columns.min()) < 0 or int(columns.max()) >= r))):
+        raise ValueError(f"the adapter file's carried singular vectors of '{module}' do not fit its bases "
+                         f"({tuple(saved.shape)} for columns of a {tuple(recomputed.shape)} basis): corrupt file")
+    full = recomputed.detach().clone()
+    full[:, columns.to(full.device)] = saved.to(full.device, full.dtype)
+    return full
 
 
 def _model_key(file_key: str) -> str:
