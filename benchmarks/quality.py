@@ -710,7 +710,9 @@ def _recipe(profile: str) -> str:
         "LoRA's (its paper's protocol), for budget. Accuracy is on the test set, mean ± std over seeds; *end gap* "
         "is the largest drop from a run's best validation accuracy to its final one (converged runs: < 1 point); "
         "*adapter* counts trainable parameters outside the head; *file* is the saved adapter (with the head where "
-        "there is one; the whole model for full fine-tuning)."
+        "there is one; the whole model for full fine-tuning), as saved by the code of its run: runs older than "
+        "commit 9b468f7 carried a module's whole bases where the few singular vectors that a recomputation could "
+        "rotate now suffice, so their SVFit files are larger than today's (README, \"another machine or LAPACK\")."
     )
 
 
