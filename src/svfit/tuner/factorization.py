@@ -180,13 +180,24 @@ def _job(name, W, transposed: bool, rank_spec, config, fp: Fingerprint, layer_ty
 
 def _fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, Fingerprint]:
     """Fingerprints of many weights; the byte hashing releases the GIL, so they run in the same thread pool."""
-    from ..core.factorize import single_threaded_pool, default_workers
+    from ..core.factorize import default_workers, single_threaded_pool
 
     if len(weights) <= 1:
         return {name: fingerprint(w) for name, w in weights.items()}
     with single_threaded_pool(min(default_workers(), len(weights))) as pool:
-        futures = {name: pool.submit(fingerprint, w) for name, w in weights.items()}
+        futures = {name: pool.submit(_fingerprint_and_trim, w) for name, w in weights.items()}
         return {name: f.result() for name, f in futures.items()}
+
+
+def _fingerprint_and_trim(weight: torch.Tensor) -> Fingerprint:
+    """A fingerprint in a pool thread, whose float32 copy of a half-precision weight is then handed back to the OS
+    (see ``svfit.core.factorize._run_and_trim``: freed memory otherwise stays in the thread's heap arena)."""
+    from ..core.factorize import release_freed_heap
+
+    try:
+        return fingerprint(weight)
+    finally:
+        release_freed_heap()
 
 
 def rms_singular_value(fp: Fingerprint, n: int) -> float:
