@@ -9,7 +9,8 @@ from torch import nn
 
 import svfit
 from svfit.core import spectrum
-from svfit.core.drift import RELOAD_DRIFT_BOUND, reload_drift
+from svfit.core.drift import RELOAD_DRIFT_BOUND, columns_to_save, reload_drift
+from svfit.tuner.guards import BaseWeightMismatchError
 from svfit.tuner import SVFitLayer
 from test_tuner import perturb
 
@@ -226,6 +227,44 @@ def test_a_convolution_carries_only_the_columns_it_needs_in_both_bases(tmp_path,
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    # the control: without the carried vectors, the float64 recomputation moves 'a' past the bound
+    monkeypatch.setattr(SVFitLayer, "saved_columns", lambda self, name: None)
+    model.save_pretrained(tmp_path / "none")
+    assert _drifts(model, PeftModel.from_pretrained(_ConvNet(), tmp_path / "none"))["a"] > RELOAD_DRIFT_BOUND
+
+
+def test_a_layer_keeping_both_bases_derives_the_other_side_of_carried_vectors(tmp_path, monkeypatch):
+    """The file carries the columns of U only (b stores its smaller side); loaded into layers that keep both bases,
+    the matching columns of V come from W0 and the saved singular values."""
+    model = _trained(planted_gap=3e-6)
+    model.save_pretrained(tmp_path)
+    _float64_svd(monkeypatch)
+    config = svfit.SVFitConfig.from_pretrained(tmp_path)
+    config.bases = "both"
+    loaded = PeftModel.from_pretrained(_Net(planted_gap=3e-6), tmp_path, config=config)
+    assert _layers(loaded)["b"].stored_bases("default") == "both"
+    assert max(_drifts(model, loaded).values()) <= RELOAD_DRIFT_BOUND
+
+
+def test_a_partial_file_is_refused_where_its_missing_vectors_cannot_be_recomputed(tmp_path):
+    model = _trained(planted_gap=3e-6)
+    model.save_pretrained(tmp_path)
+    config = svfit.SVFitConfig.from_pretrained(tmp_path)
+    config.save_bases = True  # claims whole bases: the load would skip the SVD
+    with pytest.raises(ValueError, match="carries only some of its singular vectors"):
+        PeftModel.from_pretrained(_Net(planted_gap=3e-6), tmp_path, config=config, low_cpu_mem_usage=True)
+    with pytest.raises(BaseWeightMismatchError):  # a bf16 copy of the base needs whole saved bases
+        PeftModel.from_pretrained(_Net(planted_gap=3e-6).to(torch.bfloat16), tmp_path)
+
+
+def test_columns_to_save_falls_back_to_whole_bases():
+    S = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0])  # exactly repeated values moved apart: no estimate can bound them
+    assert columns_to_save(S, torch.tensor([0.0, 0.1, 0.1, -0.3])).tolist() == [0, 1, 2, 3]
+    assert columns_to_save(S, torch.tensor([0.0, 0.1, 0.1, 0.1])) is None  # equal shifts: nothing moves
+    g = torch.Generator().manual_seed(0)
+    S = torch.logspace(0, -1, 40, dtype=torch.float64)
+    S[10:30] = S[10] * (1 - 1e-9 * torch.arange(20))  # a cluster of 20 near-repeated values: over a quarter of r=36
+    assert columns_to_save(S, torch.randn(36, generator=g, dtype=torch.float64)).tolist() == list(range(36))
 
 
 def test_carried_columns_that_do_not_fit_are_a_corrupt_file(tmp_path):

@@ -47,8 +47,10 @@ def _row_drifts(spectrum: torch.Tensor, shift: torch.Tensor, svd_dtype: torch.dt
                 exact: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Each kept value's squared contribution to ||Delta W_reloaded - Delta W||^2 (zero for carried ones); None when
     there is nothing to move. A recomputed pair i, j rotates into each other by theta_ij; the shifts cancel across
-    the pair, (c_i - c_j) theta_ij, only when both are recomputed: a carried vector stays put, so a recomputed
-    neighbour moves Delta W by c_i theta_ij."""
+    the pair, (c_i - c_j) theta_ij, only when both are recomputed, and then each row counts the pair once. A carried
+    vector stays put, so a recomputed neighbour moves Delta W by c_i theta_ij, counted twice here since the carried
+    row counts nothing (a float64 check of one carried member of a close pair measured twice the once-counted
+    square). Exactly repeated values with equal shifts move nothing (0, not 0 * inf)."""
     S = spectrum.detach().double().cpu()
     c = shift.detach().double().cpu()
     r, n = c.numel(), S.numel()
@@ -65,7 +67,10 @@ def _row_drifts(spectrum: torch.Tensor, shift: torch.Tensor, svd_dtype: torch.dt
         gap = (S[i, None] - S[None, :]).abs()
         gap[torch.arange(i.numel()), i] = math.inf  # a value does not rotate into itself
         theta = eps * float(S[0]) / gap
-        out[i] = (((c[i, None] - partner[None, :]) * theta) ** 2).sum(1)
+        coef = c[i, None] - partner[None, :]
+        term = torch.where(coef == 0, torch.zeros_like(theta), (coef * theta) ** 2)
+        term[:, :r][:, carried] *= 2.0
+        out[i] = term.sum(1)
     out[carried] = 0.0
     return out
 

@@ -72,8 +72,8 @@ class SVFitConfig(PeftConfig):
             fingerprints in the config) and recomputes U_r, V_r at load; ``True`` also saves U_r, V_r and sigma_r
             (a LoRA-sized file, exact on any hardware, no SVD needed with ``low_cpu_mem_usage=True``). A module
             whose kept spectrum has (near-)repeated singular values that training moved apart always saves the
-            singular vectors another SVD could rotate (``svfit.core.drift.columns_to_save``), since they are not
-            unique.
+            singular vectors that another SVD could rotate most, enough for the rest to reload within 1e-3
+            (``svfit.core.drift.columns_to_save``; all of them past a quarter of r), since they are not unique.
         bases: ``"auto"`` (default) stores only the basis of each Linear's smaller side (V_r, or U_r when
             d_out < d_in) wherever the kept spectrum is well conditioned, since W0 V_r = U_r diag(sigma_r) gives the
             other exactly (to 1e-6 relative in float32); ``"both"`` stores U_r and V_r. Other layer types and

@@ -55,7 +55,7 @@ class SpectrumInfo:
     def needs_bases(self, shift: torch.Tensor) -> bool:
         """Whether a saved adapter must carry (some of) this module's singular vectors to reload within
         ``RELOAD_DRIFT_BOUND``."""
-        return self.reload_drift(shift) > RELOAD_DRIFT_BOUND
+        return not self.reload_drift(shift) <= RELOAD_DRIFT_BOUND  # NaN (no estimate): carry them
 
     def saved_columns(self, shift: torch.Tensor) -> Optional[torch.Tensor]:
         """Which kept singular vectors a saved adapter carries (``svfit.core.drift.columns_to_save``): None for

@@ -306,7 +306,8 @@ class SVFitModel(BaseTuner):
         layers = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, SVFitLayer) and adapter_name in module.svfit_sigma]
         # every module's base weight is checked against the one the file was trained on before anything is loaded
-        copies = [_check_loaded_fingerprint(name, module, adapter_name, _row_for(recorded, name), remapped, config)
+        copies = [_check_loaded_fingerprint(name, module, adapter_name, _row_for(recorded, name), remapped, config,
+                                            partial=_row_for(columns, name) is not None)
                   for name, module in layers]
         for (name, module), other_dtype in zip(layers, copies):
             prefix = f"{name}." if name else ""
@@ -316,10 +317,18 @@ class SVFitModel(BaseTuner):
                 module.svfit_unit[adapter_name] = shift_unit(config, other_dtype, min(module.svfit_info[adapter_name].shape))
                 continue
             sigma = remapped.get(f"{prefix}svfit_sigma.{adapter_name}")
+            carried = _row_for(columns, name)
+            if module.placeholder_bases(adapter_name) and carried is not None:
+                raise ValueError(
+                    f"cannot load '{name.removeprefix('base_model.model.')}' without its SVD: the adapter file carries "
+                    "only some of its singular vectors (the rest are recomputed from the base weight), but this load "
+                    "skipped the SVD (low_cpu_mem_usage=True with a config that has save_bases=True). Load with the "
+                    "file's own config (omit config=) or without low_cpu_mem_usage."
+                )
             if sigma is not None and module.placeholder_bases(adapter_name):
                 # a low_cpu_mem_usage load that skipped the SVD: store the bases the trained layer stored
                 module.keep_bases(adapter_name, sigma, config)
-            carried = _row_for(columns, name)
+            from_file = {attr for attr in ("basis_U", "basis_V") if f"{prefix}{attr}.{adapter_name}" in remapped}
             for attr in ("basis_U", "basis_V", "svfit_sigma"):
                 key = f"{prefix}{attr}.{adapter_name}"
                 container = getattr(module, attr)
@@ -328,8 +337,16 @@ class SVFitModel(BaseTuner):
                 elif key not in remapped and container[adapter_name].device.type != "meta":
                     # recomputed at injection: present it as loaded, so that PEFT reports no missing key
                     remapped[key] = container[adapter_name]
-                elif carried is not None and attr != "svfit_sigma" and key in remapped:
+                elif key not in remapped:
+                    raise ValueError(f"the adapter file has no {attr.replace('basis_', 'svfit_')} for "
+                                     f"'{name.removeprefix('base_model.model.')}', which this load did not compute "
+                                     "(low_cpu_mem_usage=True skipped the SVD): incomplete or corrupt file")
+                elif carried is not None and attr in from_file:
                     remapped[key] = _splice(container[adapter_name], remapped[key], carried, name)
+            if carried is not None and len(from_file) == 1 and module.stored_bases(adapter_name) == "both":
+                # the file carries one side (a one-basis layer saved it) and this layer keeps both: the other side's
+                # carried vectors follow from W0 and the saved singular values, as a one-basis layer forms them
+                _derive_other_side(module, adapter_name, prefix, next(iter(from_file)), carried, remapped, name)
         # saved bases of sides no layer stores (a save_bases checkpoint on one-basis layers)
         remapped = {k: v for k, v in remapped.items() if not k.endswith((".basis_U", ".basis_V"))}
         return remapped
@@ -407,10 +424,12 @@ def _row_for(recorded: dict, module_name: str):
     return row if row is not None else recorded.get(f"base_model.model.{module_name}")
 
 
-def _check_loaded_fingerprint(name, module, adapter_name, row, state_dict, config) -> Optional[Fingerprint]:
+def _check_loaded_fingerprint(name, module, adapter_name, row, state_dict, config,
+                              partial: bool = False) -> Optional[Fingerprint]:
     """Check the base-weight fingerprint a checkpoint carries for one module (files from svfit >= 0.2). Returns the
     recorded fingerprint when this base is a copy of it in another dtype that the checkpoint's saved bases make
-    exact; raises BaseWeightMismatchError for another weight, or for another dtype without both saved bases."""
+    exact; raises BaseWeightMismatchError for another weight, or for another dtype without both whole saved bases
+    (``partial``: the file carries only some singular vectors of this module)."""
     prefix = f"{name}." if name else ""
     if row is None:
         return None  # an older file: the config's fingerprints were checked at injection
@@ -429,7 +448,7 @@ def _check_loaded_fingerprint(name, module, adapter_name, row, state_dict, confi
         )
     saved = {side: next((k for k in (f"{prefix}basis_{side}.{adapter_name}", f"{prefix}basis_{side}")
                          if k in state_dict), None) for side in ("U", "V")}
-    if None in saved.values():
+    if None in saved.values() or partial:
         raise BaseWeightMismatchError(_other_dtype_message(key, recorded, current))
     for side, k in saved.items():  # a basis this layer did not store yet still loads: the layer will store both
         state_dict[f"{prefix}basis_{side}.{adapter_name}"] = state_dict.pop(k)
@@ -586,6 +605,19 @@ def _check_adapter_name(adapter_name: str, prefix: str) -> None:
             f"Adapter name {adapter_name!r} is not allowed with SVFit (it collides with the parameter prefix "
             f"'{prefix}' or the reserved '__base__'); choose another name."
         )
+
+
+def _derive_other_side(module, adapter_name: str, prefix: str, side_in_file: str, columns, remapped: dict,
+                       name: str) -> None:
+    """u_j = W0 v_j / sigma_j (or v_j = W0^T u_j / sigma_j) for the carried columns, spliced into the other basis."""
+    other = "basis_V" if side_in_file == "basis_U" else "basis_U"
+    key, sigma_key = f"{prefix}{other}.{adapter_name}", f"{prefix}svfit_sigma.{adapter_name}"
+    idx = columns.to(torch.int64)
+    W = module._weight_matrix().detach().float()
+    carried = remapped[f"{prefix}{side_in_file}.{adapter_name}"][:, idx.to(W.device)].float()
+    sigma = remapped[sigma_key].float().to(W.device)[idx.to(W.device)]
+    derived = (W.T @ carried if other == "basis_V" else W @ carried) / sigma
+    remapped[key] = _splice(remapped[key], derived, idx, name)
 
 
 def _splice(recomputed: torch.Tensor, saved: torch.Tensor, columns: torch.Tensor, module: str) -> torch.Tensor:
