@@ -10,10 +10,10 @@ from typing import Optional
 
 import typer
 
+from benchmarks import ACCELERATOR_RESULTS, RESULTS
 from svfit.train.results import machine_name, meta_info, now_iso, system_info, write_json
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 PARTS = ("params", "quality", "dreambooth", "dropin", "cost", "memory", "init", "scaling")  # timing parts last, alone
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -85,9 +85,7 @@ def run(
     if unknown:
         raise typer.BadParameter(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
     if results is None:  # quick results must never mix into the real ones
-        from benchmarks.quality import ACCELERATOR_RESULTS
-
-        results = HERE / "results-quick" if quick else HERE / ACCELERATOR_RESULTS if device == "cuda" else RESULTS
+        results = HERE / "results-quick" if quick else ACCELERATOR_RESULTS if device == "cuda" else RESULTS
     results.mkdir(parents=True, exist_ok=True)
     timings = {}
     for part in parts:

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import RESULTS
+
 NAME = "dropin"
 TRAIN, TEST = 3000, 2000
 SEEDS = (0,)
@@ -169,7 +171,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     run(args.out, args.quick)

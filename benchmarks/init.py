@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import ACCELERATOR_RESULTS, RESULTS
+
 NAME = "init"
 REPEATS = 3
 FLOOR_BUDGET_S = 60.0
@@ -269,9 +271,8 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
 
 def _accelerator_lines(results: Path) -> list[str]:
     """What benchmarks/device/init_gpu.py measured on a lent accelerator (beside the committed CPU results)."""
-    committed = Path(__file__).resolve().parent / "results"
-    path = committed.parent / "results-cuda" / "init-gpu" / "llama3-8b-layer.json"
-    if results.resolve() != committed.resolve() or not path.is_file():
+    path = ACCELERATOR_RESULTS / "init-gpu" / "llama3-8b-layer.json"
+    if results.resolve() != RESULTS.resolve() or not path.is_file():
         return []
     b = json.loads(path.read_text())["run_info"]["benchmark"]
     cpu, gpu = b["weights on cpu"], b["weights on gpu"]
@@ -297,7 +298,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ranks", nargs=2, metavar=("WORLD", "LOADER"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.worker:

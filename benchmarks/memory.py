@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks import RESULTS
+
 NAME = "memory"
 STEPS = 6
 TOKENS = 128
@@ -245,7 +247,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "TARGETS"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.worker:

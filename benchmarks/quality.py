@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from benchmarks import ACCELERATOR_RESULTS, RESULTS
 from svfit.errors import SVFitUserError
 from svfit.methods import MethodOptions
 from svfit.train.results import write_json
@@ -690,8 +691,6 @@ def verdict_text(v: dict, svfit: dict, lora: dict) -> str:
             f"{_size(svfit['file_bytes'])} vs {_size(lora['file_bytes'])}.")
 
 
-COMMITTED = Path(__file__).resolve().parent / "results"  # the committed CPU results
-ACCELERATOR_RESULTS = "results-cuda"  # beside them: what `--device cuda` measured (benchmarks/device)
 PROVENANCE = "PROVENANCE.md"  # in <results>/quality: how a run outside this machine got its model and data
 
 
@@ -798,8 +797,8 @@ def _budget(runs: list[dict]) -> str:
 
 def _accelerator_lines(results: Path) -> list[str]:
     """For the committed CPU results: the summary of what the accelerator profile measured, beside them."""
-    other = COMMITTED.parent / ACCELERATOR_RESULTS
-    if results.resolve() != COMMITTED.resolve() or not (other / "quality").is_dir():
+    other = ACCELERATOR_RESULTS
+    if results.resolve() != RESULTS.resolve() or not (other / "quality").is_dir():
         return []
     table = load(other)
     every = [r for t in table.values() for r in t["runs"]]
@@ -809,7 +808,7 @@ def _accelerator_lines(results: Path) -> list[str]:
     provenance = other / "quality" / PROVENANCE
     return [
         f"**The same benchmark on an accelerator** (`--device cuda`: {_budget(every)}), in "
-        f"`benchmarks/{ACCELERATOR_RESULTS}/` (full tables and curves in its BENCHMARKS.md). "
+        f"`benchmarks/{ACCELERATOR_RESULTS.name}/` (full tables and curves in its BENCHMARKS.md). "
         + _compute(table, every, "cuda"), "",
         *([provenance.read_text().strip(), ""] if provenance.is_file() else []),
         *summary, "",

@@ -117,15 +117,15 @@ def test_the_report_shows_the_accelerator_results_beside_the_cpu_ones(tmp_path):
     quality and init sections, with its provenance; another results folder does not pick it up."""
     import shutil
 
-    from benchmarks import init, quality
+    from benchmarks import ACCELERATOR_RESULTS, RESULTS, init, quality
 
-    text = quality.section(quality.COMMITTED, tmp_path / "plots")
+    text = quality.section(RESULTS, tmp_path / "plots")
     assert "The same benchmark on an accelerator" in text and "carried there in float16" in text
     start = text.index("The same benchmark on an accelerator")
     sentiment = next(line for line in text[start:].splitlines() if line.startswith("| sentiment |"))
     assert sentiment.endswith("| loses |")
-    assert "On an accelerator" in init.section(quality.COMMITTED, tmp_path / "plots")
-    shutil.copytree(quality.COMMITTED.parent / quality.ACCELERATOR_RESULTS, tmp_path / "results-cuda")
+    assert "On an accelerator" in init.section(RESULTS, tmp_path / "plots")
+    shutil.copytree(ACCELERATOR_RESULTS, tmp_path / "results-cuda")
     (tmp_path / "results").mkdir()  # a results folder that is not the committed one, with results-cuda beside it
     assert "accelerator" not in quality.section(tmp_path / "results", tmp_path / "plots")
     assert "On an accelerator" not in init.section(tmp_path / "results", tmp_path / "plots")
