@@ -305,9 +305,10 @@ class SVFitModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, SVFitLayer) and adapter_name in module.svfit_sigma]
+        carried_by = {name: _row_for(columns, name) for name, _ in layers}  # the carried columns of each module
         # every module's base weight is checked against the one the file was trained on before anything is loaded
         copies = [_check_loaded_fingerprint(name, module, adapter_name, _row_for(recorded, name), remapped, config,
-                                            partial=_row_for(columns, name) is not None)
+                                            partial=carried_by[name] is not None)
                   for name, module in layers]
         for (name, module), other_dtype in zip(layers, copies):
             prefix = f"{name}." if name else ""
@@ -317,7 +318,7 @@ class SVFitModel(BaseTuner):
                 module.svfit_unit[adapter_name] = shift_unit(config, other_dtype, min(module.svfit_info[adapter_name].shape))
                 continue
             sigma = remapped.get(f"{prefix}svfit_sigma.{adapter_name}")
-            carried = _row_for(columns, name)
+            carried = carried_by[name]
             if module.placeholder_bases(adapter_name) and carried is not None:
                 raise ValueError(
                     f"cannot load '{name.removeprefix('base_model.model.')}' without its SVD: the adapter file carries "
