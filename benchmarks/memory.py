@@ -4,9 +4,10 @@ Measured (one fresh process per method and target set, SmolLM2-135M in bf16, gra
 
 * **added bytes**: the bytes of every parameter and buffer after `get_peft_model` minus before (exact accounting,
   PEFT's default `autocast_adapter_dtype=True`), and that per byte of the targeted weights themselves;
-* **peak training memory over the loaded model** (median of 3 processes for q,v): peak RSS during 6 AdamW steps (reset after init, so the SVD's
-  workspace is not counted) minus the RSS of the loaded base model (LAPACK warmed first in every process: its first
-  call pages in ~12 MiB of MKL code, counted in RSS though it is shared and file-backed).
+* **peak training memory over the loaded model** (median of 5 processes for q,v): peak RSS during 6 AdamW steps
+  (reset after init, so the SVD's workspace is not counted) minus the RSS of the loaded base model (LAPACK warmed
+  first in every process with an SVD at each targeted shape: the first calls page in ~12 MiB of MKL code, and a few
+  MiB more at larger shapes, counted in RSS though it is shared and file-backed).
 
 Computed (by arithmetic from SmolLM2's measured rank fractions per projection, r / min(d_in, d_out) at the 0.99
 threshold): the bytes SVFit and LoRA r=8 add to Llama-3-8B- and -70B-shaped models in bf16, for q,v and all linear
@@ -31,7 +32,7 @@ NAME = "memory"
 STEPS = 6
 TOKENS = 128
 TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
-REPEATS = {"qv": 3, "all-linear": 1}  # fresh processes per row; the q,v rows carry the peak-memory goal
+REPEATS = {"qv": 5, "all-linear": 1}  # fresh processes per row; the q,v rows carry the peak-memory goal
 METHODS = ("svfit", "lora")
 ADDED_GOAL = 0.5  # all-linear: bytes added <= 0.5 x targeted weights' bytes
 PEAK_GOAL = 1.10  # q,v: peak training memory <= 1.10 x LoRA's
@@ -93,6 +94,15 @@ def _load(quick: bool):
     return AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(), dtype=torch.bfloat16)
 
 
+def _target_shapes(model, spec) -> list[tuple[int, int]]:
+    """The distinct weight shapes of the Linear layers ``spec`` targets (names or "all-linear"), largest first."""
+    from torch import nn
+
+    shapes = {tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+              and name != "lm_head" and (spec == "all-linear" or name.rsplit(".", 1)[-1] in spec)}
+    return sorted(shapes, key=lambda s: -s[0] * s[1])
+
+
 def _tensor_bytes(model) -> int:
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
@@ -114,13 +124,15 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     model = _load(quick)
     model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    # LAPACK's first call pages in ~12 MiB of MKL code (file-backed, shared, yet counted in RSS): warm it in every
-    # process, so that the rows compare what the methods allocate
-    torch.linalg.svd(torch.randn(64, 64), full_matrices=False)
+    spec = TARGETS[targets]
+    # LAPACK's first calls page in MKL code (file-backed, shared with every process, yet counted in RSS): ~12 MiB
+    # for the first SVD, up to ~3 MiB more for the blocked code paths of larger SVDs (measured at SmolLM2's q,v
+    # shapes). Warm them in every process, for either method, so that the rows compare what the methods allocate
+    for shape in _target_shapes(model, spec):
+        torch.linalg.svd(torch.randn(*shape), full_matrices=False)
     _trim()
     rss_model = _rss()
     before = _tensor_bytes(model)
-    spec = TARGETS[targets]
     config = (svfit.SVFitConfig(target_modules=spec) if method == "svfit"
               else LoraConfig(r=8, lora_alpha=16, target_modules=spec))
     model = get_peft_model(model, config)
@@ -225,6 +237,12 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     if spread:
         lines += ["", f"Peak over the loaded model in each q,v process (the row shows the median): {'; '.join(spread)}. "
                   "Load average during the runs: " + ", ".join(f"{r['loadavg'][0]:.1f}" for r in info["rows"]) + "."]
+        runs = {m: rows.get(("qv", m), {}).get("peak_over_model_runs", ()) for m in METHODS}
+        if all(len(v) > 1 for v in runs.values()):
+            median = statistics.median(runs["svfit"]) / statistics.median(runs["lora"])
+            mean = statistics.fmean(runs["svfit"]) / statistics.fmean(runs["lora"])
+            lines[-1] += (f" q,v SVFit / LoRA: {median:.3f} by the medians, {mean:.3f} by the means: the processes of "
+                          "one method spread by about as much as the goal's margin.")
     svfit_all = rows.get(("all-linear", "svfit"))
     if svfit_all and svfit_all.get("rank_fraction"):
         fractions = svfit_all["rank_fraction"]
