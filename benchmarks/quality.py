@@ -208,11 +208,13 @@ def run(out: Path, quick: bool, tasks: Optional[list[str]] = None, log: Callable
     try:
         bench.probes(order)
         # phases across tasks, most important first, so that an interrupted run has every task's verdict first
-        for task in order:  # the verdict: SVFit and LoRA tuned, 3 seeds each; SVFit full spectrum
+        for task in order:  # the verdict: SVFit and LoRA tuned, 3 seeds each
             bench.tune(task, ["svfit", "lora"])
-            bench.seeds(task, [n for n in ("svfit", "lora", "svfit-full") if n in profile.tasks[task].variants])
+            bench.seeds(task, ["svfit", "lora"])
         for task in order:  # more seeds where 3 neither resolve nor bound the verdict
             bench.extra_seeds(task)
+        for task in order:  # SVFit full spectrum (SVFT-Plain), after the verdict it does not enter
+            bench.seeds(task, [n for n in ("svfit-full",) if n in profile.tasks[task].variants])
         for task in order:  # the other rows: the ceiling's grid, then the variants
             variants = profile.tasks[task].variants
             bench.tune(task, [n for n in ("full",) if n in variants],
