@@ -115,6 +115,7 @@ def test_near_degenerate_pairs_save_their_bases_and_reload_exactly_elsewhere(tmp
     model = _trained(planted_gap=3e-6)
     needs = {name: layer.needs_saved_bases("default") for name, layer in _layers(model).items()}
     assert needs == {"a": False, "b": True, "c": False}
+    assert {name: layer.saved_columns("default") is not None for name, layer in _layers(model).items()} == needs
     assert _layers(model)["b"].saved_columns("default").tolist() == [4, 5]  # the planted pair
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")

@@ -59,9 +59,9 @@ class SpectrumInfo:
 
     def saved_columns(self, shift: torch.Tensor) -> Optional[torch.Tensor]:
         """Which kept singular vectors a saved adapter carries (``svfit.core.drift.columns_to_save``): None for
-        none, all r where the drift cannot be estimated (randomized SVD, bases that came from a file)."""
-        if not self.needs_bases(shift):
-            return None
+        none, all r where the drift cannot be estimated (randomized SVD, bases that came from a file).
+        ``columns_to_save``'s first estimate is ``needs_bases``'s, so it is not run first: that would double the cost
+        of saving a large model's spectra."""
         if self.randomized or self.spectrum is None:
             return torch.arange(self.r)
         return columns_to_save(self.spectrum, shift, self.svd_dtype)
