@@ -97,6 +97,25 @@ def test_mcnemar_counts_discordant_pairs_and_pools_them_over_seeds():
     assert (v["b"], v["c"]) == (2, 0) and len(v["p_per_seed"]) == 2
 
 
+def test_a_run_that_ends_past_the_convergence_check_is_named_with_its_curve():
+    from benchmarks.quality import VARIANTS, _late_note, row
+
+    def run(seed, accs, losses, test):
+        curve = [{"step": 100 * i, "valid accuracy": a, "valid loss": l} for i, (a, l) in enumerate(zip(accs, losses))]
+        return {"run_info": {"benchmark": {"seed": seed, "lr": 1e-4}},
+                "train_info": {"status": "success", "eval curve": curve, "train_time": 1.0,
+                               "metrics": [{"step": 200, "test accuracy": test}]}}
+
+    steady = run(0, [0.80, 0.86, 0.865], [0.4, 0.3, 0.3], 0.84)  # 0.5 points below its best: within the check
+    late = run(1, [0.80, 0.898, 0.880], [0.4, 0.278, 0.287], 0.853)
+    r = row([steady, late], VARIANTS["svfit"])
+    assert abs(r["end_gap"] - 0.018) < 1e-9 and set(r["late"]) == {1}
+    note = _late_note(r, 500)
+    assert "ends 1.8 points below" in note and "seed 1: 89.8 at step 100 → 88.0 at 200" in note
+    assert "9 of 500 examples" in note and "validation loss 0.278 → 0.287" in note and "test 85.3" in note
+    assert "seed 0" not in note
+
+
 def test_grid_pick_and_edges():
     from benchmarks.quality import choose
 
