@@ -558,6 +558,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+END_GAP_LIMIT = 0.01  # a converged run ends within 1 point of its best validation accuracy
+
+
 def row(results: list[dict], v: Variant) -> dict:
     good = [r for r in results if ok(r)]
     accs = {r["run_info"]["benchmark"]["seed"]: test_accuracy(r) for r in good}
@@ -569,7 +572,7 @@ def row(results: list[dict], v: Variant) -> dict:
         if curve:
             best = max(curve, key=lambda e: e["valid accuracy"])
             gaps.append(best["valid accuracy"] - curve[-1]["valid accuracy"])
-            if gaps[-1] > 0.01:
+            if gaps[-1] > END_GAP_LIMIT:
                 late[r["run_info"]["benchmark"]["seed"]] = (best, curve[-1])
     final = good[0]["train_info"]["metrics"][-1] if good else {}
     return {
@@ -894,7 +897,7 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
             r = rows[name]
             if not math.isnan(floor) and r["mean"] <= floor:
                 notes.append(f"{r['label']} ({_pct(r['mean'])}) does not beat the linear probe ({_pct(floor)}).")
-            if r["end_gap"] > 0.01:
+            if r["late"]:
                 notes.append(_late_note(r, t["runs"][0]["run_info"]["train_config"].get("curve_examples")))
             if min(r["steps"], default=0) < 500:
                 notes.append(f"{r['label']} ran {min(r['steps'])} steps (< 500).")
