@@ -86,6 +86,7 @@ def _worker(rank, world, port, out):
         }
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # neither rank tears gloo down while its peer still uses it (an intermittent SIGABRT in CI)
     finally:
         dist.destroy_process_group()
 
