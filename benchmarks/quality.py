@@ -144,7 +144,7 @@ CPU = Profile(
             ("svfit", "svfit-full", "svfit-r8", "lora", "pissa", "full"), image_size=56,
         ),
         "lm-sentiment": TaskPlan(
-            500, 10, 500, 1000, EVERYTHING, {"svfit": 4e-5, "lora": 1e-3, "full": 2e-5},
+            500, 10, 2000, 1000, EVERYTHING, {"svfit": 4e-5, "lora": 1e-3, "full": 2e-5},
             ("svfit", "svfit-full", "lora"), eval_points=5, bucket=True, lpft=False, probe_train_limit=2000,
             ablation=False,
             dropped="SVFit r=8, PiSSA, full fine-tuning and the ablation: a SmolLM2-135M step costs ~4x a MiniLM "
@@ -701,6 +701,7 @@ def verdict_text(v: dict, svfit: dict, lora: dict) -> str:
 
 
 PROVENANCE = "PROVENANCE.md"  # in <results>/quality: how a run outside this machine got its model and data
+NOTE = "NOTE.md"  # in <results>/quality: what a reader must know first (e.g. a task being re-run in a new setting)
 
 
 def _recipe(profile: str) -> str:
@@ -788,6 +789,9 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     provenance = results / "quality" / PROVENANCE
     if provenance.is_file():
         lines += [provenance.read_text().strip(), ""]
+    note = results / "quality" / NOTE
+    if note.is_file():
+        lines += [note.read_text().strip(), ""]
     summary, verdicts = _summary(table)
     body = []
     for task, t in table.items():

@@ -49,9 +49,11 @@ def test_quick_quality_run_writes_results_and_a_report(tmp_path):
     # a report of other results never overwrites the committed BENCHMARKS.md and plots: it goes beside them
     committed = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
     stamp = committed.stat().st_mtime_ns if committed.exists() else None
+    (results / "quality" / "NOTE.md").write_text("sentiment is being re-run with a larger validation split.\n")
     out = CliRunner().invoke(app, ["report", "--results", str(results)])
     assert out.exit_code == 0, out.output
     assert (results / "BENCHMARKS.md").is_file() and (results / "plots" / "quality-sentiment.png").is_file()
+    assert "sentiment is being re-run with a larger validation split." in (results / "BENCHMARKS.md").read_text()
     assert (committed.stat().st_mtime_ns if committed.exists() else None) == stamp
 
 
