@@ -60,7 +60,7 @@ def _module(name: str):
 
 
 def _exists(part: str) -> bool:
-    return (HERE / f"{part}.py").is_file()
+    return (HERE / f"{part}.py").is_file() or (HERE / part / "__init__.py").is_file()
 
 
 @app.command()

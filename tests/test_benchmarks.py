@@ -100,7 +100,8 @@ def test_mcnemar_counts_discordant_pairs_and_pools_them_over_seeds():
 
 
 def test_a_run_that_ends_past_the_convergence_check_is_named_with_its_curve():
-    from benchmarks.quality import VARIANTS, _late_note, row
+    from benchmarks.quality import VARIANTS, row
+    from benchmarks.quality.report import _late_note
 
     def run(seed, accs, losses, test):
         curve = [{"step": 100 * i, "valid accuracy": a, "valid loss": l} for i, (a, l) in enumerate(zip(accs, losses))]

@@ -28,7 +28,7 @@ class MiniLMClassification(Task):
         train_limit=3000,
         eval_limit=1000,
         # from a coarse sweep (x2-x2.5 steps) on seed 0, 2,000 examples, 1 epoch (the earlier benchmarks/lr_sweep.py, now
-        # benchmarks/quality.py tuning); svfit's 2e-1 was in absolute sigma units: 2.8e-4 with scaling (rms sigma 1.44)
+        # benchmarks/quality tuning); svfit's 2e-1 was in absolute sigma units: 2.8e-4 with scaling (rms sigma 1.44)
         lr={"svfit": 2.8e-4, "lora": 5e-3, "pissa": 5e-3, "ia3": 5e-2, "full": 5e-5},
         # MiniLM's pooler output barely varies across inputs (std ~0.04), so the new head needs a high rate
         head_lr=2e-2,
