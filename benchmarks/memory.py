@@ -118,7 +118,7 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     from torch import nn
 
     import svfit
-    from benchmarks.cost import _hwm, _reset_hwm, _rss, _trim
+    from benchmarks.cost.worker import _hwm, _reset_hwm, _rss, _trim
     from svfit.tuner import SVFitLayer
 
     model = _load(quick)

@@ -1,0 +1,3 @@
+from benchmarks.cost.run import main
+
+main()
