@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import svfit
 from svfit.core.fingerprint import ROW_BYTES
-from svfit.tuner.model import FINGERPRINT_KEY
+from svfit.tuner.checkpoint import FINGERPRINT_KEY
 from svfit.tuner.layer import SVFitLayer
 
 from cases import CASES

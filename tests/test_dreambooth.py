@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from svfit.cli import app
-from svfit.tuner.model import FINGERPRINT_KEY
+from svfit.tuner.checkpoint import FINGERPRINT_KEY
 
 runner = CliRunner()
 PROMPT = "a photo of sks dog"

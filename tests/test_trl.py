@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 import svfit  # noqa: E402
-from svfit.tuner.model import FINGERPRINT_KEY  # noqa: E402
+from svfit.tuner.checkpoint import FINGERPRINT_KEY  # noqa: E402
 
 WORDS = "the a cat dog sat on mat ran fast slow big small red blue is was and".split()
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]

@@ -1,10 +1,12 @@
 """The PEFT wiring of SVFit: config, layers, tuner model, registration."""
 
 from .config import SVFitConfig
-from .layer import Conv, Embedding, Linear, SVFitLayer, SpectrumInfo
-from .model import BaseWeightMismatchError, SVFitModel, verify_base_weights
+from .guards import BaseWeightMismatchError
+from .layer import Conv, Embedding, Linear, SpectrumInfo, SVFitLayer
+from .model import SVFitModel
 from .registration import register
 from .summary import ModuleSummary, format_summary, summarize
+from .verify import verify_base_weights
 
 __all__ = [
     "BaseWeightMismatchError",

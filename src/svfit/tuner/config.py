@@ -19,6 +19,10 @@ from .peft_type import SVFIT_PEFT_TYPE
 BIAS_OPTIONS = ("none", "all", "svfit_only")
 DEFAULT_SCALING = 500.0  # chosen by measurement: BENCHMARKS.md, "Drop-in learning rates"
 SCALING_SINCE = Version("0.2.0")  # adapters written by older versions trained the raw shift
+# set on a config object in-process (never serialized), by SVFitModel.inject_adapter
+BOUND_TO = "_svfit_bound_to"  # weakref to the model whose weights the config's records describe
+BOUND_NAME = "_svfit_bound_name"  # that model's base_model_name_or_path
+RECHOSEN = "_svfit_ranks_rechosen"  # a reused config's copy that re-chose its ranks on a different base
 
 
 @dataclass

@@ -85,3 +85,12 @@ def under_init_empty_weights() -> bool:
     probe = nn.Module()
     probe.register_parameter("p", nn.Parameter(torch.empty(0)))
     return probe.p.device.type == "meta"
+
+
+def check_adapter_name(adapter_name: str, prefix: str) -> None:
+    # PEFT strips the adapter name from checkpoint keys by string surgery; a name inside the prefix corrupts them
+    if not adapter_name or adapter_name in prefix or adapter_name == "__base__":
+        raise ValueError(
+            f"Adapter name {adapter_name!r} is not allowed with SVFit (it collides with the parameter prefix "
+            f"'{prefix}' or the reserved '__base__'); choose another name."
+        )

@@ -22,8 +22,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core import paths
-from ..core.fingerprint import Fingerprint
 from ..core.drift import RELOAD_DRIFT_BOUND, columns_to_save, reload_drift
+from ..core.fingerprint import Fingerprint
 from ..core.parametrization import initial_vector, relative_shift, singular_value_shift
 from ..core.spectrum import SVD_DTYPES
 from .factorization import Factorization, factorize_modules, shift_unit, skips_svd, weight_matrix
