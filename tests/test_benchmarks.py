@@ -151,3 +151,25 @@ def test_the_report_shows_the_accelerator_results_beside_the_cpu_ones(tmp_path):
     (tmp_path / "results").mkdir()  # a results folder that is not the committed one, with results-cuda beside it
     assert "accelerator" not in quality.section(tmp_path / "results", tmp_path / "plots")
     assert "On an accelerator" not in init.section(tmp_path / "results", tmp_path / "plots")
+
+
+def test_a_task_whose_grids_are_still_running_gets_no_verdict():
+    from benchmarks.quality import VARIANTS, row
+    from benchmarks.quality.report import _summary
+
+    def run(seed, lr, test):
+        curve = [{"step": 0, "valid accuracy": 0.8, "valid loss": 0.5}, {"step": 100, "valid accuracy": 0.9,
+                                                                          "valid loss": 0.3}]
+        return {"run_info": {"benchmark": {"seed": seed, "lr": lr}},
+                "train_info": {"status": "success", "eval curve": curve, "train_time": 1.0,
+                               "metrics": [{"step": 100, "test accuracy": test}], "test correct": "1101"}}
+
+    rows = {"svfit": row([run(0, 1e-4, 0.9), run(1, 1e-4, 0.8)], VARIANTS["svfit"]),
+            "lora": row([run(0, 1e-3, 0.7), run(1, 1e-3, 0.6)], VARIANTS["lora"])}
+    grid = lambda n: [(1e-4 * 2**k, 0.9, 0.3, "success") for k in range(n)]  # noqa: E731
+    task = {"rows": rows, "probe": None, "grids": {"svfit": grid(2), "lora": grid(5)}}
+    lines, verdicts = _summary({"lm": task}, grid_size=5)
+    assert verdicts["lm"][0]["status"] == "in progress" and "SVFit 2 of 5" in verdicts["lm"][0]["text"]
+    assert "LoRA" not in verdicts["lm"][0]["text"] and lines[-1].endswith("| in progress |")
+    task["grids"]["svfit"] = grid(5)  # both grids complete: the paired verdict is computed
+    assert _summary({"lm": task}, grid_size=5)[1]["lm"][0]["status"] in ("wins", "loses", "ties", "unresolved")

@@ -97,8 +97,15 @@ def _profile(every: list[dict]) -> str:
     return next((r["run_info"]["benchmark"].get("profile") for r in every), "cpu")
 
 
-def _summary(table: dict) -> tuple[list[str], dict]:
-    """The one-line-per-task table, and each task's (verdict, floor)."""
+def _unfinished_grids(t: dict, grid_size: int) -> dict:
+    """{label: points run so far} of SVFit's and LoRA's learning-rate grids that are still short of ``grid_size``."""
+    return {label: len(t["grids"].get(n, [])) for n, label in (("svfit", "SVFit"), ("lora", "LoRA r=8"))
+            if len(t["grids"].get(n, [])) < grid_size}
+
+
+def _summary(table: dict, grid_size: int = 0) -> tuple[list[str], dict]:
+    """The one-line-per-task table, and each task's (verdict, floor); a task whose SVFit or LoRA grid is still short
+    of ``grid_size`` points is in progress, with no verdict yet."""
     summary = ["| task | probe (floor) | SVFit | SVFit full | LoRA r=8 | full FT (ceiling) | SVFit − LoRA [95% CI] "
                "| McNemar p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = {}
@@ -106,7 +113,12 @@ def _summary(table: dict) -> tuple[list[str], dict]:
         rows = t["rows"]
         floor = max((p["test accuracy"] for p in (t["probe"] or {}).get("train_info", {}).get("probes", [])),
                     default=float("nan"))
-        if "svfit" in rows and "lora" in rows:
+        unfinished = _unfinished_grids(t, grid_size)
+        if rows and unfinished:
+            points = ", ".join(f"{label} {k} of {grid_size}" for label, k in unfinished.items())
+            v = {"status": "in progress", "text": f"In progress: learning-rate grid points run so far: {points}. The "
+                 "picks and rows here are provisional, and the verdict waits for the grids and seeds 1 and 2."}
+        elif "svfit" in rows and "lora" in rows:
             v = verdict(rows["svfit"], rows["lora"])
         else:  # no pair to compare: say which, rather than call it unresolved
             v = {"status": "not run (probe only)" if not rows else "unresolved"}
@@ -145,7 +157,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     note = results / "quality" / NOTE
     if note.is_file():
         lines += [note.read_text().strip(), ""]
-    summary, verdicts = _summary(table)
+    summary, verdicts = _summary(table, {"cpu": CPU, "cuda": CUDA, "quick": QUICK}.get(profile, CPU).grid_points)
     body = []
     for task, t in table.items():
         v, floor = verdicts[task]
@@ -214,9 +226,8 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
                    f"{', batches grouped by length' if tc.get('bucket_by_length') else ''}; "
                    f"{'every method starts from the probe head (LP-FT), head lr ' + format(tc['head_lr'], 'g') if tc.get('head_init') else 'no new head (the LM head stays frozen)'}.")
     if not runs:
-        out.append(f"No training runs yet, only the probe (the floor): the compute spent so far went to the "
-                   f"tasks with runs. `python -m benchmarks run --only quality --task {task}` runs them (existing results are "
-                   "kept).")
+        out.append(f"No training runs yet, only the probe (the floor). `python -m benchmarks run --only quality --task "
+                   f"{task}` runs them (existing results are kept).")
     if runs:
         if _profile(runs) == "cuda":
             out.append(f"Compute: {len(runs)} runs, "
@@ -228,6 +239,8 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
                        f"(load average {_load_range(runs)}).")
     if plan is not None and plan.dropped:
         out.append(f"Dropped: {plan.dropped}")
+    if v.get("status") == "in progress":
+        out.append(f"**{v['text']}**")
     out.append("")
     table = ["| method | lr | test accuracy % | steps | epochs | end gap | valid % | adapter params | file | train s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -247,8 +260,8 @@ def _task_section(task, t, plan, v, floor, plt, plots, link_prefix) -> list[str]
                      f"{r['train_time']:.0f} |")
     out += table + [""]
     if "svfit" in rows and "lora" in rows:
-        out.append(verdict_text(v, rows["svfit"], rows["lora"]))
-        out.append("")
+        if v.get("status") != "in progress":  # (said above the table)
+            out += [verdict_text(v, rows["svfit"], rows["lora"]), ""]
         notes = []
         for name in ("svfit", "lora"):
             r = rows[name]
