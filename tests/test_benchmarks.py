@@ -153,9 +153,13 @@ def test_the_report_shows_the_accelerator_results_beside_the_cpu_ones(tmp_path):
     assert "On an accelerator" not in init.section(tmp_path / "results", tmp_path / "plots")
 
 
-def test_a_task_whose_grids_are_still_running_gets_no_verdict():
-    from benchmarks.quality import VARIANTS, row
+def test_a_task_whose_verdict_still_waits_for_runs_is_in_progress():
+    from dataclasses import replace
+
+    from benchmarks.quality import CPU, VARIANTS, row
     from benchmarks.quality.report import _summary
+
+    profile = replace(CPU, tasks={"lm": CPU.tasks["lm-sentiment"]})  # grids centred on 4e-5 (SVFit), 1e-3 (LoRA)
 
     def run(seed, lr, test):
         curve = [{"step": 0, "valid accuracy": 0.8, "valid loss": 0.5}, {"step": 100, "valid accuracy": 0.9,
@@ -164,12 +168,28 @@ def test_a_task_whose_grids_are_still_running_gets_no_verdict():
                 "train_info": {"status": "success", "eval curve": curve, "train_time": 1.0,
                                "metrics": [{"step": 100, "test accuracy": test}], "test correct": "1101"}}
 
-    rows = {"svfit": row([run(0, 1e-4, 0.9), run(1, 1e-4, 0.8)], VARIANTS["svfit"]),
-            "lora": row([run(0, 1e-3, 0.7), run(1, 1e-3, 0.6)], VARIANTS["lora"])}
-    grid = lambda n: [(1e-4 * 2**k, 0.9, 0.3, "success") for k in range(n)]  # noqa: E731
-    task = {"rows": rows, "probe": None, "grids": {"svfit": grid(2), "lora": grid(5)}}
-    lines, verdicts = _summary({"lm": task}, grid_size=5)
-    assert verdicts["lm"][0]["status"] == "in progress" and "SVFit 2 of 5" in verdicts["lm"][0]["text"]
-    assert "LoRA" not in verdicts["lm"][0]["text"] and lines[-1].endswith("| in progress |")
-    task["grids"]["svfit"] = grid(5)  # both grids complete: the paired verdict is computed
-    assert _summary({"lm": task}, grid_size=5)[1]["lm"][0]["status"] in ("wins", "loses", "ties", "unresolved")
+    def grid(centre, n, best):  # n points from the low end of the planned grid; ``best`` scores highest
+        lrs = [centre * 2.0 ** (k - 2) for k in range(n)]
+        return [(lr, 0.95 if lr == best else 0.9, 0.3, "success") for lr in lrs]
+
+    def task(svfit_points, seeds, svfit_best=8e-5):
+        rows = {"svfit": row([run(s, svfit_best, 0.9 - 0.01 * s) for s in seeds], VARIANTS["svfit"]),
+                "lora": row([run(s, 2e-3, 0.7) for s in seeds], VARIANTS["lora"])}
+        grids = {"svfit": grid(4e-5, svfit_points, svfit_best), "lora": grid(1e-3, 5, 2e-3)}
+        picks = {"svfit": (svfit_best, svfit_best in (grids["svfit"][0][0], grids["svfit"][-1][0])),
+                 "lora": (2e-3, False)}
+        return {"runs": [{}], "rows": rows, "probe": None, "grids": grids, "picks": picks}
+
+    def status(t):
+        lines, verdicts = _summary({"lm": t}, profile)
+        return verdicts["lm"][0], lines[-1]
+
+    v, line = status(task(2, [0], svfit_best=2e-5))
+    assert v["status"] == "in progress" and "SVFit's learning-rate grid (2 of 5 points run)" in v["text"]
+    assert "LoRA" not in v["text"] and line.endswith("| in progress |")
+    v, _ = status(task(5, [0, 1]))  # grids complete, seed 2 missing
+    assert v["status"] == "in progress" and "seed 2 at the picks" in v["text"]
+    v, _ = status(task(5, [0], svfit_best=1.6e-4))  # the pick sits at the upper end, which has not grown yet
+    assert v["status"] == "in progress" and "grow past its upper end" in v["text"]
+    v, _ = status(task(5, [0, 1, 2]))  # everything the verdict needs: it is called
+    assert v["status"] == "wins" and "gap" in v

@@ -189,7 +189,7 @@ def test_corrupt_adapter_file_raises(tmp_path):
 
 
 def test_the_file_costs_four_bytes_per_singular_value_plus_a_header(tmp_path):
-    """The on-disk size against LoRA is measured on real weights by benchmarks/cost.py; here we pin the
+    """The on-disk size against LoRA is measured on real weights by benchmarks/cost; here we pin the
     accounting: the data is exactly the sum of r float32 values, and LoRA r=8 stores 16x more at full spectrum."""
     from transformers import BertConfig, BertModel
 

@@ -167,7 +167,6 @@ def profile_for(quick: bool, device: str) -> Profile:
     return CPU
 
 
-
 def grid_lr(x: float) -> float:
     return float(f"{x:.3g}")
 

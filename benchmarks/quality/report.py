@@ -9,7 +9,7 @@ from typing import Optional
 
 from benchmarks import ACCELERATOR_RESULTS, RESULTS
 from benchmarks.quality.analysis import load, ok, verdict
-from benchmarks.quality.plan import ABLATIONS, ALL, CPU, CUDA, EVERYTHING, QUICK, VARIANTS
+from benchmarks.quality.plan import ABLATIONS, ALL, CPU, CUDA, EVERYTHING, QUICK, VARIANTS, Profile, grid_lr
 
 TASK_TITLES = {
     "sentiment": "MiniLM-L6 (BERT) on Rotten Tomatoes sentiment",
@@ -97,15 +97,47 @@ def _profile(every: list[dict]) -> str:
     return next((r["run_info"]["benchmark"].get("profile") for r in every), "cpu")
 
 
-def _unfinished_grids(t: dict, grid_size: int) -> dict:
-    """{label: points run so far} of SVFit's and LoRA's learning-rate grids that are still short of ``grid_size``."""
-    return {label: len(t["grids"].get(n, [])) for n, label in (("svfit", "SVFit"), ("lora", "LoRA r=8"))
-            if len(t["grids"].get(n, [])) < grid_size}
+def _pending(task: str, t: dict, profile: Profile) -> list[str]:
+    """What ``task``'s SVFit-vs-LoRA verdict still waits for under ``profile``'s plan: grid points, a grid growing
+    past an end where its pick sits, the seeds at the picks (and seeds 3-4 where 3 left the verdict unresolved)."""
+    plan = profile.tasks.get(task)
+    if plan is None:
+        return []
+    pending = []
+    for name, label in (("svfit", "SVFit"), ("lora", "LoRA r=8")):
+        grid = t["grids"].get(name, [])
+        if len(grid) < profile.grid_points:
+            pending.append(f"{label}'s learning-rate grid ({len(grid)} of {profile.grid_points} points run)")
+            continue
+        pick, edge = t["picks"].get(name, (None, False))
+        if edge and name in plan.centre:
+            half = profile.grid_points // 2
+            planned = [grid_lr(plan.centre[name] * profile.spacing ** (k - half)) for k in range(profile.grid_points)]
+            lrs = [lr for lr, *_ in grid]
+            low = pick == min(lrs)
+            added = sum(1 for lr in lrs if (lr < min(planned) if low else lr > max(planned)))
+            if added < profile.max_extend:
+                pending.append(f"{label}'s grid to grow past its {'lower' if low else 'upper'} end, where its pick sits")
+    if pending:
+        return pending
+    rows = t["rows"]
+    if "svfit" in rows and "lora" in rows:
+        paired = set(rows["svfit"]["by_seed"]) & set(rows["lora"]["by_seed"])
+        missing = [s for s in profile.seeds if s not in paired]
+        if missing:
+            pending.append(f"SVFit's and LoRA's seed{'s' if len(missing) > 1 else ''} "
+                           f"{', '.join(map(str, missing))} at the picks")
+        elif profile.extra_seeds and verdict(rows["svfit"], rows["lora"])["status"] == "unresolved":
+            extra = [s for s in profile.extra_seeds if s not in paired]
+            if extra:
+                pending.append(f"SVFit's and LoRA's seeds {', '.join(map(str, extra))} (the first "
+                               f"{len(profile.seeds)} leave the verdict unresolved)")
+    return pending
 
 
-def _summary(table: dict, grid_size: int = 0) -> tuple[list[str], dict]:
-    """The one-line-per-task table, and each task's (verdict, floor); a task whose SVFit or LoRA grid is still short
-    of ``grid_size`` points is in progress, with no verdict yet."""
+def _summary(table: dict, profile: Profile) -> tuple[list[str], dict]:
+    """The one-line-per-task table, and each task's (verdict, floor); a task whose verdict still waits for runs of
+    ``profile``'s plan is in progress, with no verdict yet."""
     summary = ["| task | probe (floor) | SVFit | SVFit full | LoRA r=8 | full FT (ceiling) | SVFit − LoRA [95% CI] "
                "| McNemar p | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     verdicts = {}
@@ -113,11 +145,10 @@ def _summary(table: dict, grid_size: int = 0) -> tuple[list[str], dict]:
         rows = t["rows"]
         floor = max((p["test accuracy"] for p in (t["probe"] or {}).get("train_info", {}).get("probes", [])),
                     default=float("nan"))
-        unfinished = _unfinished_grids(t, grid_size)
-        if rows and unfinished:
-            points = ", ".join(f"{label} {k} of {grid_size}" for label, k in unfinished.items())
-            v = {"status": "in progress", "text": f"In progress: learning-rate grid points run so far: {points}. The "
-                 "picks and rows here are provisional, and the verdict waits for the grids and seeds 1 and 2."}
+        pending = _pending(task, t, profile) if t["runs"] else []
+        if pending:
+            v = {"status": "in progress", "text": f"In progress: the verdict waits for {'; '.join(pending)}. The "
+                 "picks and rows here are provisional."}
         elif "svfit" in rows and "lora" in rows:
             v = verdict(rows["svfit"], rows["lora"])
         else:  # no pair to compare: say which, rather than call it unresolved
@@ -148,7 +179,8 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     plots.mkdir(parents=True, exist_ok=True)
     every = [r for t in table.values() for r in t["runs"]]
     profile = _profile(every)
-    plans = {"cpu": CPU, "cuda": CUDA, "quick": QUICK}.get(profile, CPU).tasks
+    plan_profile = {"cpu": CPU, "cuda": CUDA, "quick": QUICK}.get(profile, CPU)
+    plans = plan_profile.tasks
     lines = ["## Quality: converged runs, SVFit vs LoRA", "", _recipe(profile), "",
              _compute(table, every, profile) + " " + PAPER_CLAIM, ""]
     provenance = results / "quality" / PROVENANCE
@@ -157,7 +189,7 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     note = results / "quality" / NOTE
     if note.is_file():
         lines += [note.read_text().strip(), ""]
-    summary, verdicts = _summary(table, {"cpu": CPU, "cuda": CUDA, "quick": QUICK}.get(profile, CPU).grid_points)
+    summary, verdicts = _summary(table, plan_profile)
     body = []
     for task, t in table.items():
         v, floor = verdicts[task]
@@ -183,7 +215,7 @@ def _accelerator_lines(results: Path) -> list[str]:
     every = [r for t in table.values() for r in t["runs"]]
     if not every:
         return []
-    summary, _ = _summary(table)
+    summary, _ = _summary(table, CUDA)
     provenance = other / "quality" / PROVENANCE
     return [
         f"**The same benchmark on an accelerator** (`--device cuda`: {_budget(every)}), in "

@@ -48,7 +48,6 @@ def run(out: Path, quick: bool, tasks: Optional[list[str]] = None, log: Callable
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-
 @dataclass(frozen=True)
 class Job:
     path: Path  # where the result JSON goes

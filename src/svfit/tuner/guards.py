@@ -79,7 +79,6 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-
 def under_init_empty_weights() -> bool:
     """True inside accelerate's init_empty_weights (PEFT's low_cpu_mem_usage), which puts new parameters on meta."""
     probe = nn.Module()
