@@ -1,4 +1,5 @@
-"""The PEFT wiring of SVFit: config, layers, tuner model, registration."""
+"""The PEFT wiring of SVFit: config, layers, tuner model (with its checkpoints, base-weight checks and weighted
+adapters), registration."""
 
 from .config import SVFitConfig
 from .guards import BaseWeightMismatchError
