@@ -170,3 +170,10 @@ def profile_for(quick: bool, device: str) -> Profile:
 def grid_lr(x: float) -> float:
     return float(f"{x:.3g}")
 
+
+def planned_grid(profile: Profile, plan: TaskPlan, name: str) -> list[float]:
+    """The learning rates ``profile`` first runs for a tuned variant: ``grid_points`` at ``spacing`` around its
+    centre (before any growth past an end)."""
+    half = profile.grid_points // 2
+    return [grid_lr(plan.centre[name] * profile.spacing ** (k - half)) for k in range(profile.grid_points)]
+

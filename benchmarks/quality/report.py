@@ -9,7 +9,7 @@ from typing import Optional
 
 from benchmarks import ACCELERATOR_RESULTS, RESULTS
 from benchmarks.quality.analysis import load, ok, verdict
-from benchmarks.quality.plan import ABLATIONS, ALL, CPU, CUDA, EVERYTHING, QUICK, VARIANTS, Profile, grid_lr
+from benchmarks.quality.plan import ABLATIONS, ALL, CPU, CUDA, EVERYTHING, QUICK, VARIANTS, Profile, planned_grid
 
 TASK_TITLES = {
     "sentiment": "MiniLM-L6 (BERT) on Rotten Tomatoes sentiment",
@@ -111,8 +111,7 @@ def _pending(task: str, t: dict, profile: Profile) -> list[str]:
             continue
         pick, edge = t["picks"].get(name, (None, False))
         if edge and name in plan.centre:
-            half = profile.grid_points // 2
-            planned = [grid_lr(plan.centre[name] * profile.spacing ** (k - half)) for k in range(profile.grid_points)]
+            planned = planned_grid(profile, plan, name)
             lrs = [lr for lr, *_ in grid]
             low = pick == min(lrs)
             added = sum(1 for lr in lrs if (lr < min(planned) if low else lr > max(planned)))

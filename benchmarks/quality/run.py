@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from benchmarks.quality.analysis import choose, final_valid, grid_points, load, steps_of, test_accuracy, verdict
-from benchmarks.quality.plan import ABLATIONS, ALL, VARIANTS, Profile, Variant, grid_lr, profile_for
+from benchmarks.quality.plan import ABLATIONS, ALL, VARIANTS, Profile, Variant, grid_lr, planned_grid, profile_for
 from svfit.errors import SVFitUserError
 from svfit.train.results import write_json
 from svfit.train.run import RunConfig, train_run
@@ -218,8 +218,7 @@ class Bench:
         """Run the grids of tuned variants together (and ``extra`` variants' seeds, whose picks are known), growing
         each grid past an end while its best point sits there (at most ``max_extend`` points per end)."""
         plan, p = self.profile.tasks[task], self.profile
-        half = p.grid_points // 2
-        lrs = {n: [grid_lr(plan.centre[n] * p.spacing ** (k - half)) for k in range(p.grid_points)] for n in names}
+        lrs = {n: planned_grid(p, plan, n) for n in names}
         added = {(n, low): 0 for n in names for low in (True, False)}
         jobs = [job for n in extra for job in self.seed_jobs(task, n)]
         while True:
