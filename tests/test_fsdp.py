@@ -6,20 +6,11 @@ the single-process gradient. An already-sharded model works too: each weight is 
 broadcasts the result, and each SVFit layer becomes an FSDP2 unit of its own.
 """
 
-import datetime
-import faulthandler
-import os
-import socket
-import time
-import warnings
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import gloo_group, run_ranks
 from torch import nn
-from torch.multiprocessing.spawn import ProcessException
 
 import svfit
 
@@ -28,10 +19,6 @@ if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch without gloo", allow_module_level=True)
 
 PATHS = ("reference", "merged", "input", "output", "auto")  # forced paths on both bases; auto on one basis
-# gloo waits 30 min for a peer by default. A run takes ~15 s, so a stuck rank fails within minutes, and each rank
-# writes every thread's stack to a file a minute before that, which the failure then shows.
-TIMEOUT_S = 240
-STACKS_AFTER_S = 180
 
 
 def _model():
@@ -51,12 +38,8 @@ def _config(path):
                              bases="auto" if path == "auto" else "both")
 
 
-def _worker(rank, world, port, out):
-    stacks = open(f"{out}.rank{rank}.stacks", "w")
-    faulthandler.dump_traceback_later(STACKS_AFTER_S, file=stacks)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
+def _worker(rank, world, port, prefix):
+    with gloo_group(rank, world, port, prefix):
         from peft import get_peft_model
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -97,58 +80,14 @@ def _worker(rank, world, port, out):
             "bases": {n: p.full_tensor() for n, p in model.named_parameters() if ".basis_" in n},
         }
         if rank == 0:
-            torch.save(result, out)
+            torch.save(result, f"{prefix}.pt")
         dist.barrier()  # neither rank tears gloo down while its peer still uses it (an intermittent SIGABRT in CI)
-    finally:
-        dist.destroy_process_group()
-        faulthandler.cancel_dump_traceback_later()
-        stacks.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stacks(out: Path) -> str:
-    parts = [f"--- rank {r} ---\n{p.read_text()}" for r in (0, 1)
-             if (p := Path(f"{out}.rank{r}.stacks")).exists() and p.stat().st_size]
-    return "\n".join(parts) or "(no rank wrote its stacks)"
-
-
-def _spawn(out: Path) -> None:
-    """Both ranks to the end, or an error naming why; a rank stuck past gloo's own timeout is killed."""
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S + 60
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            raise TimeoutError(f"the FSDP2 workers did not finish in {TIMEOUT_S + 60} s")
-
-
-def _run_two_ranks(tmp_path: Path) -> dict:
-    """The workers' results. A rank stuck in a collective (seen once in CI, after ~1,900 other tests, and in none of
-    40 back-to-back runs here) gets one more try on a fresh port; a second time fails with both ranks' stacks. Any
-    other error fails at once."""
-    for attempt in (1, 2):
-        out = tmp_path / f"attempt{attempt}.pt"
-        try:
-            _spawn(out)
-            return torch.load(out)
-        except (ProcessException, TimeoutError) as exc:
-            stuck = isinstance(exc, TimeoutError) or "Timed out" in str(exc)
-            if attempt == 2 or not stuck:
-                raise AssertionError(f"the FSDP2 workers failed:\n{exc}\n{_stacks(out)}") from exc
-            warnings.warn(f"FSDP2 workers stuck in gloo; trying once more. Stacks:\n{_stacks(out)}", stacklevel=1)
-    raise AssertionError("unreachable")
 
 
 def test_fsdp2_two_cpu_processes_give_the_single_process_gradients(tmp_path):
     from peft import get_peft_model
 
-    sharded = _run_two_ranks(tmp_path)
+    sharded = torch.load(f"{run_ranks(_worker, tmp_path)}.pt")
     for path in PATHS:
         model = get_peft_model(_model(), _config(path))
         (model(_batch()).square().sum() / 2).backward()  # FSDP averages the 2 ranks' gradients

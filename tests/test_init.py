@@ -1,8 +1,6 @@
 """The SVD init (svfit.core.factorize): single-threaded SVDs in a bounded pool, one matrix at a time on an
 accelerator, and shared between torch.distributed ranks with identical results everywhere."""
 
-import os
-import socket
 import threading
 import time
 import warnings
@@ -10,8 +8,8 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from peft import PeftModel, get_peft_model
+from ranks import gloo_group, run_ranks
 from torch import nn
 
 import svfit
@@ -152,17 +150,8 @@ def test_svd_on_another_device_is_another_cache_entry(tmp_path):
 # -- two ranks -----------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ranks_worker(rank, world, port, out, adapter_dir, alone):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world),
-                      SVFIT_SVD_SPLIT_TIMEOUT="2")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port, out, LOCAL_WORLD_SIZE=str(world), SVFIT_SVD_SPLIT_TIMEOUT="2"):
         result = {}
         if alone:
             if rank == 0:  # rank 1 never adapts anything: rank 0 must not wait for it forever
@@ -184,14 +173,11 @@ def _ranks_worker(rank, world, port, out, adapter_dir, alone):
             result["loaded"] = _bases(loaded)
             result["loaded_factorised"] = loaded.base_model.svfit_init_report["default"].factorised
         torch.save(result, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
 def test_two_ranks_share_the_svds_and_end_with_identical_bases(tmp_path):
-    out = tmp_path / "res"
-    mp.spawn(_ranks_worker, args=(2, _free_port(), str(out), str(tmp_path / "adapter"), False), nprocs=2)
+    out = run_ranks(_ranks_worker, tmp_path, str(tmp_path / "adapter"), False)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert r0["per_rank"] == [2, 2] and r0["factorised"] == r1["factorised"] == 2
     alone = _bases(get_peft_model(_model(), svfit.SVFitConfig(target_modules=TARGETS)))
@@ -206,8 +192,7 @@ def test_two_ranks_share_the_svds_and_end_with_identical_bases(tmp_path):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch without gloo")
 def test_a_rank_that_adapts_alone_does_not_hang(tmp_path):
-    out = tmp_path / "res"
-    mp.spawn(_ranks_worker, args=(2, _free_port(), str(out), str(tmp_path / "adapter"), True), nprocs=2)
+    out = run_ranks(_ranks_worker, tmp_path, str(tmp_path / "adapter"), True)
     r0 = torch.load(f"{out}.0")
     assert r0["factorised"] == 4
     assert any("factorised all of them itself" in w for w in r0["warned"])
