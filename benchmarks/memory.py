@@ -118,7 +118,7 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     from torch import nn
 
     import svfit
-    from benchmarks.cost.worker import _hwm, _reset_hwm, _rss, _trim
+    from benchmarks.procmem import peak_rss, reset_peak_rss, rss, trim
     from svfit.tuner import SVFitLayer
 
     model = _load(quick)
@@ -130,15 +130,15 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     # shapes). Warm them in every process, for either method, so that the rows compare what the methods allocate
     for shape in _target_shapes(model, spec):
         torch.linalg.svd(torch.randn(*shape), full_matrices=False)
-    _trim()
-    rss_model = _rss()
+    trim()
+    rss_model = rss()
     before = _tensor_bytes(model)
     config = (svfit.SVFitConfig(target_modules=spec) if method == "svfit"
               else LoraConfig(r=8, lora_alpha=16, target_modules=spec))
     model = get_peft_model(model, config)
     added = _tensor_bytes(model) - before
-    _trim()
-    rss_init = _rss()
+    trim()
+    rss_init = rss()
     adapted = [m.get_base_layer() if hasattr(m, "get_base_layer") else m for m in model.modules()
                if isinstance(m, SVFitLayer) or (method == "lora" and hasattr(m, "lora_A"))]
     target_bytes = sum(m.weight.numel() * m.weight.element_size() for m in adapted if isinstance(m, nn.Linear))
@@ -153,15 +153,15 @@ def _worker(method: str, targets: str, quick: bool) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    _trim()
-    reset = _reset_hwm()
+    trim()
+    reset = reset_peak_rss()
     for _ in range(STEPS):
         ids = torch.randint(0, vocab, (1, TOKENS), generator=g)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = _hwm()
+    peak = peak_rss()
     return {
         "method": method, "targets": targets, "added_bytes": added, "target_weight_bytes": target_bytes,
         "added_per_target_byte": added / target_bytes, "peak_over_model_bytes": peak - rss_model,

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from benchmarks.cost.spec import METHODS, Case
+from benchmarks.procmem import peak_rss, reset_peak_rss, rss, trim
 
 
 def _tiny_bert():
@@ -48,41 +49,6 @@ def _smollm2():
 
 
 LOADERS = {"tiny-bert": _tiny_bert, "tiny-llama": _tiny_llama, "minilm": _minilm, "smollm2": _smollm2}
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _rss() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def _hwm() -> int:
-    return _status_kib("VmHWM") * 1024
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # 5: reset the peak RSS to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    """Give freed heap memory back to the OS, so that later RSS growth is not hidden by reuse (or inflated)."""
-    import gc
-
-    from svfit.core.factorize import release_freed_heap
-
-    gc.collect()
-    release_freed_heap()
 
 
 class _Measure:
@@ -167,21 +133,21 @@ class _Measure:
     def _memory_now(self) -> int:
         import torch
 
-        return torch.cuda.memory_allocated() if self.cuda else _rss()
+        return torch.cuda.memory_allocated() if self.cuda else rss()
 
     def _memory_peak(self) -> int:
         import torch
 
-        return torch.cuda.max_memory_allocated() if self.cuda else _hwm()
+        return torch.cuda.max_memory_allocated() if self.cuda else peak_rss()
 
     def _reset_peak(self) -> bool:
         import torch
 
-        _trim()
+        trim()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return True
-        return _reset_hwm()
+        return reset_peak_rss()
 
     # -- commands ------------------------------------------------------------------------------------------------
 
@@ -198,7 +164,7 @@ class _Measure:
         # before the baseline, so that the growth measured below is the method's own
         self._output(base)
         (torch.ones(2, requires_grad=True) * 2).sum().backward()
-        _trim()
+        trim()
         self.mem_base = self._memory_now()
         hwm_reset_init = self._reset_peak()
         self._sync()
@@ -315,7 +281,7 @@ class _Measure:
         load_s = time.perf_counter() - t0
         load_diff = float((self._output(loaded.eval()) - trained).abs().max())
         del loaded, fresh
-        _trim()
+        trim()
 
         base = self._base().eval()
         base_out = self._output(base)  # also the warm-up of the timing below
@@ -363,7 +329,7 @@ class _Measure:
         svfit.set_svd_cache(Path(self.tmp.name) / "svd-cache")
         try:
             get_peft_model(self._base(), self._config())
-            _trim()
+            trim()
             base = self._base()
             self._sync()
             t0 = time.perf_counter()

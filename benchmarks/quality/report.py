@@ -182,12 +182,9 @@ def section(results: Path, plots: Path, link_prefix: str = "benchmarks/plots") -
     plans = plan_profile.tasks
     lines = ["## Quality: converged runs, SVFit vs LoRA", "", _recipe(profile), "",
              _compute(table, every, profile) + " " + PAPER_CLAIM, ""]
-    provenance = results / "quality" / PROVENANCE
-    if provenance.is_file():
-        lines += [provenance.read_text().strip(), ""]
-    note = results / "quality" / NOTE
-    if note.is_file():
-        lines += [note.read_text().strip(), ""]
+    for name in (PROVENANCE, NOTE):
+        if (path := results / "quality" / name).is_file():
+            lines += [path.read_text().strip(), ""]
     summary, verdicts = _summary(table, plan_profile)
     body = []
     for task, t in table.items():
