@@ -95,11 +95,15 @@ def _load(quick: bool):
 
 
 def _target_shapes(model, spec) -> list[tuple[int, int]]:
-    """The distinct weight shapes of the Linear layers ``spec`` targets (names or "all-linear"), largest first."""
+    """The distinct weight shapes of the Linear layers ``spec`` targets (names or "all-linear"), largest first,
+    matched by PEFT's own functions."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
     from torch import nn
 
-    shapes = {tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, nn.Linear)
-              and name != "lm_head" and (spec == "all-linear" or name.rsplit(".", 1)[-1] in spec)}
+    config = _maybe_include_all_linear_layers(LoraConfig(target_modules=spec), model)
+    shapes = {tuple(m.weight.shape) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and check_target_module_exists(config, name)}
     return sorted(shapes, key=lambda s: -s[0] * s[1])
 
 
