@@ -108,7 +108,9 @@ class LMSentiment(Task):
         return batch
 
     def next_token_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        # one forward per batch, never continued: a KV cache would only cost memory and time
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
+                    use_cache=False)
         return out.logits[:, -1].float()
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -117,7 +119,8 @@ class LMSentiment(Task):
 
     def probe_features(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         body = getattr(model, model.base_model_prefix)
-        states = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        states = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      use_cache=False).last_hidden_state
         return {"last prompt token's final state (what the LM head reads)": states[:, -1]}
 
     @torch.no_grad()
