@@ -188,7 +188,12 @@ def test_a_task_whose_verdict_still_waits_for_runs_is_in_progress():
     assert v["status"] == "in progress" and "SVFit's learning-rate grid (2 of 5 points run)" in v["text"]
     assert "LoRA" not in v["text"] and line.endswith("| in progress |")
     v, _ = status(task(5, [0, 1]))  # grids complete, seed 2 missing
-    assert v["status"] == "in progress" and "seed 2 at the picks" in v["text"]
+    assert v["status"] == "in progress" and "SVFit's seed 2 and LoRA r=8's seed 2 at the picks" in v["text"]
+    t = task(5, [0, 1, 2])
+    t["rows"]["lora"] = row([run(0, 2e-3, 0.7)], VARIANTS["lora"])  # SVFit's seeds are in, LoRA's 1-2 are not
+    v, _ = status(t)
+    assert v["status"] == "in progress" and "LoRA r=8's seeds 1, 2 at the picks" in v["text"]
+    assert "SVFit's seed" not in v["text"]
     v, _ = status(task(5, [0], svfit_best=1.6e-4))  # the pick sits at the upper end, which has not grown yet
     assert v["status"] == "in progress" and "grow past its upper end" in v["text"]
     v, _ = status(task(5, [0, 1, 2]))  # everything the verdict needs: it is called

@@ -122,16 +122,23 @@ def _pending(task: str, t: dict, profile: Profile) -> list[str]:
     rows = t["rows"]
     if "svfit" in rows and "lora" in rows:
         paired = set(rows["svfit"]["by_seed"]) & set(rows["lora"]["by_seed"])
-        missing = [s for s in profile.seeds if s not in paired]
-        if missing:
-            pending.append(f"SVFit's and LoRA's seed{'s' if len(missing) > 1 else ''} "
-                           f"{', '.join(map(str, missing))} at the picks")
+        if any(s not in paired for s in profile.seeds):
+            pending.append(f"{_missing_seeds(rows, profile.seeds)} at the picks")
         elif profile.extra_seeds and verdict(rows["svfit"], rows["lora"])["status"] == "unresolved":
-            extra = [s for s in profile.extra_seeds if s not in paired]
-            if extra:
-                pending.append(f"SVFit's and LoRA's seeds {', '.join(map(str, extra))} (the first "
-                               f"{len(profile.seeds)} leave the verdict unresolved)")
+            if any(s not in paired for s in profile.extra_seeds):
+                pending.append(f"{_missing_seeds(rows, profile.extra_seeds)} (the first {len(profile.seeds)} "
+                               "leave the verdict unresolved)")
     return pending
+
+
+def _missing_seeds(rows: dict, seeds) -> str:
+    """E.g. "LoRA r=8's seeds 1, 2": each method's seeds among ``seeds`` that have no run yet."""
+    parts = []
+    for name, label in (("svfit", "SVFit"), ("lora", "LoRA r=8")):
+        missing = [s for s in seeds if s not in rows[name]["by_seed"]]
+        if missing:
+            parts.append(f"{label}'s seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}")
+    return " and ".join(parts)
 
 
 def _summary(table: dict, profile: Profile) -> tuple[list[str], dict]:
