@@ -52,8 +52,12 @@ def gloo_group(rank: int, world: int, port: int, prefix: str, **env: str):
 
 def _stacks(prefix: Path, world: int) -> str:
     """Each rank's latest stacks: the last of the dumps in its file (faulthandler heads each with "Timeout (")."""
-    parts = [f"--- rank {r} ---\nTimeout (" + p.read_text().rsplit("Timeout (", 1)[-1] for r in range(world)
-             if (p := Path(f"{prefix}.rank{r}.stacks")).exists() and "Timeout (" in p.read_text()]
+    parts = []
+    for r in range(world):
+        path = Path(f"{prefix}.rank{r}.stacks")
+        text = path.read_text() if path.exists() else ""
+        if "Timeout (" in text:
+            parts.append(f"--- rank {r} ---\nTimeout (" + text.rsplit("Timeout (", 1)[-1])
     return "\n".join(parts) or "(no rank ran long enough to write its stacks)"
 
 

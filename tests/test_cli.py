@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import free_port
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -531,7 +532,7 @@ def test_two_process_data_parallel_run_ends_with_identical_singular_values(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
          "-m", "svfit", "train", "--model", str(local), "--out", str(out), "--limit", "48", "--epochs", "1",
          "--batch-size", "8", "--lr", "0.5", "--quiet"],
         capture_output=True, text=True, env=env, timeout=300,
@@ -548,14 +549,6 @@ def test_two_process_data_parallel_run_ends_with_identical_singular_values(tmp_p
     assert vector and any(v.abs().sum() > 0 for v in vector)
     code, output = cli("eval", out, "--quiet")
     assert code == 0, output
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- start-up: `svfit --help` must not wait for torch, transformers, peft, diffusers or matplotlib ---------------------
